@@ -1,0 +1,5 @@
+import sys
+
+from blipmon.cli import main
+
+sys.exit(main())

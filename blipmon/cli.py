@@ -1,0 +1,217 @@
+"""The ``blipmon`` command: parses arguments and hands over to core, runner and ui. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one clear line, exit 2, never a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blipmon",
+        description="Memory profiler for loading and fine-tuning vision-language models. "
+        "With no command, opens the dashboard.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("presets", help="list built-in configurations")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("models", help="known architectures, parameter counts, bytes per dtype")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("run", help="run one job; headless unless --live; prints the run directory")
+    s.add_argument("config", metavar="CONFIG", help="preset name (tiny/blip2-opt) or path to a TOML file")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    s.add_argument("--out", type=Path, default=None, metavar="DIR")
+    s.add_argument("--live", action="store_true", help="watch it in the dashboard")
+
+    s = sub.add_parser("show", help="summary of one run")
+    s.add_argument("run", type=Path, metavar="RUN")
+    s.add_argument("--json", action="store_true", help="the fixed JSON run summary")
+
+    s = sub.add_parser("compare", help="compare runs side by side")
+    s.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    s.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
+    s.add_argument("--tui", action="store_true", help="open the compare view of the dashboard")
+
+    s = sub.add_parser("replay", help="dashboard replaying a saved run")
+    s.add_argument("run", type=Path, metavar="RUN")
+    s.add_argument("--speed", type=float, default=1.0, metavar="X")
+
+    s = sub.add_parser("attach", help="dashboard following a run that is still being written")
+    s.add_argument("run", type=Path, metavar="RUN")
+
+    s = sub.add_parser("estimate", help="predict a configuration's per-phase memory before running it")
+    s.add_argument("config", metavar="CONFIG")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    s.add_argument("--gpu-memory", default=None, metavar="SIZE")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("sweep", help="run several configurations one after another")
+    s.add_argument("configs", nargs="+", metavar="CONFIG")
+    s.add_argument("--out", type=Path, default=None, metavar="DIR")
+
+    s = sub.add_parser("watch", help="record any command's process tree (no instrumentation)")
+    s.add_argument("--out", type=Path, default=None, metavar="DIR")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from blipmon.core.config import ConfigError
+    from blipmon.core.profile import ProfileError
+
+    args = _parser().parse_args(argv)
+    handler = _HANDLERS.get(args.command or "dashboard")
+    try:
+        return handler(args)
+    except (ConfigError, ProfileError, UsageError) as e:
+        print(f"blipmon: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("blipmon: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from blipmon.core import config, presets
+
+    items = []
+    for name in presets.names():
+        cfg = config.validate(presets.get(name))
+        items.append({"name": name, "description": cfg["description"], "config": cfg})
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    width = max(len(i["name"]) for i in items)
+    group = None
+    for i in sorted(items, key=lambda i: (presets.GROUPS.index(i["name"].split("/")[0]), i["name"])):
+        g = i["name"].split("/")[0]
+        if g != group:
+            print(("\n" if group else "") + f"{g}/")
+            group = g
+        print(f"  {i['name'].ljust(width)}  {i['description']}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from blipmon.core.config import resolve
+    from blipmon.runner.launch import Launch, preflight
+
+    cfg = resolve(args.config, args.overrides)
+    preflight(cfg)
+    if args.live:
+        from blipmon.ui.app import run_live
+
+        return run_live(cfg, args.out)
+    launch = Launch(cfg, args.out)
+    print(f"blipmon: recording {cfg['name']} into {launch.run_dir}", file=sys.stderr)
+    launch.start()
+    code = launch.wait()
+    from blipmon.core.run import load_run
+
+    run = load_run(launch.run_dir)
+    print(f"blipmon: {cfg['name']}: {run.status}; see `blipmon show {launch.run_dir}`", file=sys.stderr)
+    print(launch.run_dir)
+    return code
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from blipmon.core.report import render_show
+    from blipmon.core.run import load_run
+
+    run = load_run(args.run)
+    for w in run.warnings:
+        print(f"blipmon: warning: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(run.summary(), indent=1))
+    else:
+        sys.stdout.write(render_show(run))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from blipmon.core.report import render_compare
+    from blipmon.core.run import load_run
+
+    if len(args.runs) > 6 and args.tui:
+        raise UsageError("the compare view shows 2 to 6 runs")
+    runs = [load_run(p) for p in args.runs]
+    for r in runs:
+        for w in r.warnings:
+            print(f"blipmon: warning: {w}", file=sys.stderr)
+    if args.tui:
+        from blipmon.ui.app import run_compare
+
+        return run_compare(args.runs)
+    sys.stdout.write(render_compare(runs, args.format))
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from blipmon.ui.app import run_launcher
+
+    return run_launcher()
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from blipmon.core.profile import check_run_dir
+    from blipmon.ui.app import run_replay
+
+    if not args.speed > 0:
+        raise UsageError(f"--speed {args.speed}: expected a number > 0")
+    check_run_dir(args.run)
+    return run_replay(args.run, args.speed)
+
+
+def _cmd_attach(args: argparse.Namespace) -> int:
+    from blipmon.core.profile import check_run_dir
+    from blipmon.ui.app import run_attach
+
+    check_run_dir(args.run)
+    return run_attach(args.run)
+
+
+def _lazy(module: str, name: str) -> Any:
+    """Dispatch to a handler in another module, or say plainly that the feature has not landed."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                raise UsageError(f"`blipmon {args.command}` is not available in this version yet") from None
+            raise
+        return int(getattr(mod, name)(args))
+
+    return handler
+
+
+_HANDLERS = {
+    "dashboard": _cmd_dashboard,
+    "presets": _cmd_presets,
+    "run": _cmd_run,
+    "show": _cmd_show,
+    "compare": _cmd_compare,
+    "replay": _cmd_replay,
+    "attach": _cmd_attach,
+    "models": _lazy("blipmon.commands.models", "main"),
+    "estimate": _lazy("blipmon.commands.estimate", "main"),
+    "sweep": _lazy("blipmon.commands.sweep", "main"),
+    "watch": _lazy("blipmon.commands.watch", "main"),
+}

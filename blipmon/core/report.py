@@ -1,0 +1,264 @@
+"""Text for people: ``show``'s summary of one run and ``compare``'s table of several.
+
+The comparison is computed once as rows of raw numbers (``compare_rows``) and only then rendered as
+a terminal table, markdown, CSV or JSON, so every format — and the dashboard's compare screen —
+shows the same figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from blipmon.core.run import CATEGORIES, PHASES, RunData, phase_total
+from blipmon.core.units import GIB, MIB, fmt_bytes, fmt_seconds
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    values: list[Any]
+    kind: str  # "bytes" | "seconds" | "rate" | "text" | "count"
+    better: str | None = None  # "lower" | "higher" | None
+
+    def best_index(self) -> int | None:
+        nums = [(v, i) for i, v in enumerate(self.values) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if self.better is None or len(nums) < 2 or len({v for v, _ in nums}) < 2:
+            return None
+        return (min(nums) if self.better == "lower" else max(nums))[1]
+
+
+def median_step_seconds(run: RunData) -> float | None:
+    """Steady-state step time: the first step pays for allocator warm-up and lazy init, so skip it."""
+    secs = [s["seconds"] for s in run.steps if isinstance(s.get("seconds"), (int, float))]
+    if len(secs) > 1:
+        secs = secs[1:]
+    return statistics.median(secs) if secs else None
+
+
+def median_rate(run: RunData) -> float | None:
+    rates = [s["samples_per_s"] for s in run.steps if isinstance(s.get("samples_per_s"), (int, float))]
+    if len(rates) > 1:
+        rates = rates[1:]
+    return statistics.median(rates) if rates else None
+
+
+def oom_where(run: RunData) -> str:
+    if not run.oom:
+        return ""
+    o = run.oom
+    req = o.get("requested_bytes")
+    size = f", tried {fmt_bytes(req)}" if req else ""
+    return f"step {o.get('step')} {o.get('phase')}{size}"
+
+
+def compare_rows(runs: list[RunData]) -> list[Row]:
+    peaks = [r.peaks() for r in runs]
+    peak_phases = [r.peak_phase() for r in runs]
+    rows = [
+        Row("status", [r.status for r in runs], "text"),
+        Row("device", [r.environment.get("gpu_name") or r.environment.get("device", "?") for r in runs], "text"),
+        Row("peak allocated", [p["allocated"] for p in peaks], "bytes", "lower"),
+        Row("peak reserved", [p["reserved"] for p in peaks], "bytes", "lower"),
+        Row("peak device used", [p["device_used"] for p in peaks], "bytes", "lower"),
+        Row("peak host RSS", [p["host_rss"] for p in peaks], "bytes", "lower"),
+    ]
+    for cat in ("params", "grads", "optim", "acts"):
+        rows.append(Row(f"{cat} @ peak phase", [pp.get(cat) if pp else None for pp in peak_phases], "bytes", "lower"))
+    rows += [
+        Row("peak phase", [f"step {pp['step']} {pp['phase']}" if pp else "" for pp in peak_phases], "text"),
+        Row("step time (median)", [median_step_seconds(r) for r in runs], "seconds", "lower"),
+        Row("samples/s (median)", [median_rate(r) for r in runs], "rate", "higher"),
+        Row("steps", [len(r.steps) for r in runs], "count"),
+        Row("load time", [r.load.get("seconds") if r.load else None for r in runs], "seconds", "lower"),
+        Row("out of memory at", [oom_where(r) for r in runs], "text"),
+    ]
+    return rows
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None or v == "":
+        return "—" if kind != "text" else ""
+    if kind == "bytes":
+        return fmt_bytes(v)
+    if kind == "seconds":
+        return fmt_seconds(v)
+    if kind == "rate":
+        return f"{v:,.1f}"
+    return str(v)
+
+
+def _delta(v: Any, base: Any, kind: str) -> str:
+    if (
+        kind not in ("bytes", "seconds", "rate")
+        or not isinstance(v, (int, float))
+        or not isinstance(base, (int, float))
+    ):
+        return ""
+    if base == 0:
+        return ""
+    pct = (v - base) / base * 100
+    return "" if abs(pct) < 0.05 else f" ({pct:+.1f}%)"
+
+
+def render_compare(runs: list[RunData], fmt: str = "table") -> str:
+    rows = compare_rows(runs)
+    names = [r.name for r in runs]
+    if fmt == "json":
+        return json.dumps(
+            {"runs": [{"name": r.name, "path": str(r.path) if r.path else None} for r in runs],
+             "rows": [{"label": row.label, "kind": row.kind, "better": row.better, "values": row.values} for row in rows]},
+            indent=2,
+        )  # fmt: skip
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["metric", *names])
+        for row in rows:
+            w.writerow([row.label, *("" if v is None else v for v in row.values)])
+        return buf.getvalue()
+    table: list[list[str]] = []
+    for row in rows:
+        best = row.best_index()
+        cells = []
+        for i, v in enumerate(row.values):
+            text = _fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else "")
+            if best == i:
+                text = f"**{text}**" if fmt == "markdown" else f"{text} *"
+            cells.append(text)
+        table.append([row.label, *cells])
+    header = ["", *names]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table]
+        return "\n".join(lines) + "\n\n" + _legend(markdown=True) + "\n"
+    return _aligned([header, *table]) + "\n" + _legend(markdown=False) + "\n"
+
+
+def _legend(markdown: bool) -> str:
+    mark = "**bold**" if markdown else "*"
+    return f"{mark} = best of the row; (±%) = change against the first run; — = not measured on that device"
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _unit_for(values: list[int | None]) -> tuple[str, int]:
+    top = max((v for v in values if v is not None), default=0)
+    return ("GiB", GIB) if top >= GIB else ("MiB", MIB)
+
+
+def render_show(run: RunData) -> str:
+    """The readable summary: outcome, load, the four phases of the first steps and of the peak step."""
+    cfg, env = run.config, run.environment
+    lines: list[str] = []
+    device = env.get("gpu_name") or ("CPU (" + env.get("gpu_reason", "no NVIDIA GPU") + ")")
+    if env.get("gpu_total_bytes"):
+        device += f", {fmt_bytes(env['gpu_total_bytes'])}"
+    lines.append(f"run      {run.name}   [{run.status}]")
+    if run.path:
+        lines.append(f"path     {run.path}")
+    lines.append(f"device   {device}")
+    m, t = cfg.get("model", {}), cfg.get("train", {})
+    weights = run.load.get("weights") if run.load else m.get("weights")
+    note = "  (random weights: losses are meaningless, memory is real)" if weights == "random" else ""
+    lines.append(f"model    {m.get('id', '?')}{note}")
+    if cfg.get("job", {}).get("kind") == "train":
+        lora = " lora" if t.get("lora", {}).get("enabled") else ""
+        qlora = " qlora" if t.get("qlora") else ""
+        ckpt = " act-ckpt" if t.get("act_ckpt") else ""
+        lines.append(
+            f"train    batch {t.get('batch_size')} x accumulate {t.get('accumulate_grad_batches')}, "
+            f"{t.get('precision')}, {t.get('optim')}{ckpt}{lora}{qlora}"
+        )
+        if run.plan.get("trainable_params") is not None:
+            lines.append(f"params   {run.plan['trainable_params']:,} trainable of {run.plan.get('total_params', 0):,}")
+    else:
+        lines.append(f"job      {cfg.get('job', {}).get('kind', '?')}")
+    if run.load:
+        place = ", ".join(f"{d} {fmt_bytes(b)}" for d, b in (run.load.get("placement") or {}).items())
+        lines.append(
+            f"load     {fmt_seconds(run.load.get('seconds'))}, parameters {fmt_bytes(run.load.get('params_bytes'))} ({place})"
+        )
+    lines.extend(_phase_table(run))
+    if run.steps:
+        last = run.steps[-1]
+        loss = last.get("loss")
+        lines.append(
+            f"steps    {len(run.steps)}" + (f"/{run.plan['total_steps']}" if run.plan.get("total_steps") else "")
+            + f", median {fmt_seconds(median_step_seconds(run))} per step (first {fmt_seconds(run.steps[0].get('seconds'))}),"
+            + f" {median_rate(run) or 0:,.1f} samples/s" + (f", last loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+        )  # fmt: skip
+    for g in run.generate:
+        lines.append(
+            f"generate call {g.get('call')}: {fmt_seconds(g.get('seconds'))} for {g.get('batch_size')} images, "
+            f"peak {fmt_bytes(g.get('peak'))}, host {fmt_bytes(g.get('host_rss'))}"
+        )
+    pk = run.peaks()
+    lines.append(
+        f"peaks    allocated {fmt_bytes(pk['allocated'])}, reserved {fmt_bytes(pk['reserved'])}, "
+        f"device used {fmt_bytes(pk['device_used'])}, host RSS {fmt_bytes(pk['host_rss'])}"
+    )
+    lines.append("outcome  " + _outcome(run))
+    for n in run.notes:
+        lines.append(f"note     {n}")
+    for w in run.warnings:
+        lines.append(f"warning  {w}")
+    return "\n".join(lines) + "\n"
+
+
+def _outcome(run: RunData) -> str:
+    st = run.status
+    ex = run.exit or {}
+    code = (
+        f"exit {ex.get('code')}" if ex.get("code") is not None else f"signal {ex['signal']}" if ex.get("signal") else ""
+    )
+    text = {"ok": "finished", "oom": "OUT OF MEMORY", "error": "failed with an error", "stopped": "stopped",
+            "killed": "killed", "running": "still running"}.get(st, st)  # fmt: skip
+    if run.oom:
+        o = run.oom
+        text += f" at step {o.get('step')} (micro-step {o.get('micro_step')}, {o.get('phase')})"
+        if o.get("requested_bytes"):
+            text += f" trying to allocate {fmt_bytes(o['requested_bytes'])}"
+    if run.error and st == "error":
+        text += f": {run.error.get('message', '')[:300]}"
+    return text + (f" ({code})" if code else "")
+
+
+def _phase_table(run: RunData) -> list[str]:
+    if not run.phases:
+        return []
+    first_steps = {0, 1}
+    chosen = [p for p in run.phases if p.get("step") in first_steps and (p.get("rank") or 0) == 0]
+    peak = run.peak_phase()
+    if peak is not None and peak.get("step") not in first_steps:
+        chosen += [p for p in run.phases if p.get("step") == peak.get("step") and p.get("rank") == peak.get("rank")]
+    cols = [*CATEGORIES, "allocated", "peak", "reserved", "host_rss"]
+    unit, div = _unit_for([p.get(c) for p in chosen for c in cols])
+    header = ["step", "micro", "phase", *cols]
+    rows = [header]
+    for p in chosen:
+        mark = " <- peak" if p is peak else ""
+        rows.append(
+            [str(p.get("step")), str(p.get("micro_step")), str(p.get("phase"))]
+            + ["—" if p.get(c) is None else f"{p[c] / div:.3f}" for c in cols]
+            + ([mark] if mark else [])
+        )
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    out = [f"phases   ({unit}; the first two steps and the peak step; peak = allocator peak since the previous phase)"]
+    out += ["  " + line for line in _aligned(rows).splitlines()]
+    return out
+
+
+def phase_order(phase: str) -> int:
+    return PHASES.index(phase) if phase in PHASES else len(PHASES)
+
+
+__all__ = ["Row", "compare_rows", "median_step_seconds", "phase_order", "phase_total", "render_compare", "render_show"]

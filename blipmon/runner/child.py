@@ -1,0 +1,193 @@
+"""The child process: ``python -m blipmon.runner.child RUN_DIR`` runs one job and records it.
+
+It writes its own profile, flushing every record, so the run survives the dashboard or the parent
+going away. It ends every run it can with an ``end`` record (ok, oom, error, stopped) and the
+matching exit code; only a SIGKILL leaves that to the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_OOM, EXIT_STOPPED = 0, 1, 2, 3, 4
+
+
+class StopRequested(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT; a BaseException so library code cannot swallow it."""
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+def environment(cuda: bool, weights: str | None = None) -> dict[str, Any]:
+    """An allow-list of facts about the machine: never the environment variables themselves."""
+    import psutil
+    import torch
+    import transformers
+
+    import blipmon
+
+    env: dict[str, Any] = {
+        "device": "cuda" if cuda else "cpu",
+        "gpu_name": None,
+        "gpu_total_bytes": None,
+        "host_total_bytes": psutil.virtual_memory().total,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "blipmon": blipmon.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_name"] = props.name
+        env["gpu_total_bytes"] = int(props.total_memory)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu_reason"] = "no NVIDIA GPU visible to torch (CPU build or no driver)"
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m blipmon.runner.child RUN_DIR", file=sys.stderr)
+        return EXIT_USAGE
+    run_dir = Path(argv[0])
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    from blipmon.core import config as config_mod
+    from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter, read_config
+
+    writer = EventWriter(run_dir / EVENTS)
+    emit = writer.write
+    cfg_raw = read_config(run_dir)
+    import blipmon
+
+    emit(
+        "header",
+        format_version=FORMAT_VERSION,
+        name=str(cfg_raw.get("name", run_dir.name)),
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+        started=time.time(),
+        source="blipmon run",
+        blipmon=blipmon.__version__,
+    )
+    try:
+        cfg = config_mod.validate(cfg_raw)
+    except config_mod.ConfigError as e:
+        emit("error", message=str(e))
+        emit("end", status="error", code=EXIT_ERROR)
+        writer.close()
+        print(e, file=sys.stderr)
+        return EXIT_ERROR
+    emit("config", config=cfg)
+    return _run(cfg, writer)
+
+
+def _run(cfg: dict[str, Any], writer: Any) -> int:
+    from blipmon.runner.train import Cursor
+
+    emit = writer.write
+    cursor = Cursor()
+    sampler = None
+    status, code = "ok", EXIT_OK
+    try:
+        import psutil
+        import torch
+
+        from blipmon.runner.models import load_model, placement
+        from blipmon.runner.sampler import Sampler
+
+        cuda = torch.cuda.is_available() and cfg["model"]["device_map"] != "cpu"
+        emit("environment", **environment(cuda))
+        sampler = Sampler(emit, cfg["runtime"]["sample_hz"], cuda=cuda)
+        sampler.start()
+        print(f"[blipmon] loading {cfg['model']['id']} ...", flush=True)
+        loaded = load_model(cfg, cuda=cuda)
+        place = placement(loaded.model)
+        emit(
+            "load",
+            seconds=round(loaded.seconds, 6),
+            params_bytes=sum(place.values()),
+            placement=place,
+            weights=loaded.weights,
+            peak=torch.cuda.max_memory_allocated() if cuda else None,
+            host_rss=psutil.Process().memory_info().rss,
+        )
+        print(f"[blipmon] loaded in {loaded.seconds:.2f} s ({loaded.weights} weights)", flush=True)
+        kind = cfg["job"]["kind"]
+        if kind == "train":
+            from blipmon.runner.train import run_train
+
+            run_train(loaded, cfg, emit, cursor, cuda=cuda, should_stop=lambda: writer.failed is not None)
+        elif kind == "generate":
+            from blipmon.runner.generate import run_generate
+
+            run_generate(loaded, cfg, emit, cursor, cuda=cuda)
+        if writer.failed is not None:
+            raise OSError(f"cannot write the profile any more: {writer.failed}")
+    except StopRequested as e:
+        status, code = "stopped", EXIT_STOPPED
+        emit("note", message=f"stopped by {e}")
+        print(f"[blipmon] stopped by {e}", flush=True)
+    except BaseException as e:  # noqa: BLE001 - every ending must be recorded
+        status, code = _record_failure(e, cursor, emit)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    emit("end", status=status, code=code)
+    writer.close()
+    return code
+
+
+def _record_failure(e: BaseException, cursor: Any, emit: Any) -> tuple[str, int]:
+    import torch
+
+    from blipmon.core.units import requested_bytes_from_message
+
+    message = f"{type(e).__name__}: {e}".strip()
+    is_oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+    if is_oom:
+        state: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            state = {
+                "allocated": torch.cuda.memory_allocated(),
+                "reserved": torch.cuda.memory_reserved(),
+                "peak": torch.cuda.max_memory_allocated(),
+            }
+        emit(
+            "oom",
+            step=cursor.step,
+            micro_step=cursor.micro_step,
+            phase=cursor.phase,
+            requested_bytes=requested_bytes_from_message(str(e)),
+            message=message[:2000],
+            **state,
+        )
+        print(f"[blipmon] out of memory at step {cursor.step}, {cursor.phase}: {message[:300]}", flush=True)
+        return "oom", EXIT_OOM
+    if isinstance(e, KeyboardInterrupt):
+        return "stopped", EXIT_STOPPED
+    tb = "".join(traceback.format_exception(e))
+    emit("error", message=message[:2000], traceback=tb[-8000:], phase=cursor.phase, step=cursor.step)
+    print(tb, file=sys.stderr, flush=True)
+    return "error", EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The parent side of a run: preflight checks, the run directory, the child process and its exit.
+
+The child is started with an argument list (never a shell string) and writes its own profile; the
+parent only appends the final ``exit`` record, which is what turns a SIGKILLed child into a
+``killed`` run with everything before it kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from blipmon.core.config import ConfigError
+from blipmon.core.profile import CONFIG, EVENTS, LOG, write_config
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def run_dir_name(cfg: dict[str, Any], now: datetime | None = None) -> str:
+    """``<UTC timestamp>-<config name>``, with the name flattened so it can never leave the folder."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
+    name = _SAFE.sub("-", str(cfg.get("name", "run"))).strip("-.") or "run"
+    return f"{stamp}-{name[:80]}"
+
+
+def make_run_dir(cfg: dict[str, Any], out: Path | None) -> Path:
+    root = Path(out) if out is not None else Path("profiles")
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / run_dir_name(cfg)
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def needs_gpu(cfg: dict[str, Any]) -> str | None:
+    """Why this configuration cannot run without a GPU, or None."""
+    m = cfg["model"]
+    dm = m["device_map"]
+    if dm == "cuda":
+        return "model.device_map = 'cuda'"
+    if isinstance(dm, dict):
+        gpu = [k for k, v in dm.items() if isinstance(v, int) or (isinstance(v, str) and v.startswith("cuda"))]
+        if gpu:
+            return f"model.device_map puts {', '.join(gpu)} on a GPU"
+    return None
+
+
+def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
+    """Everything that can be refused before a child starts and a model loads (exit 2)."""
+    t = cfg["train"]
+    is_train = cfg["job"]["kind"] == "train"
+    unavailable: list[str] = []
+    if is_train and (t["strategy"] != "auto" or t["optim"] == "deepspeed_cpu"):
+        unavailable.append(f"train.strategy = {t['strategy']!r} / train.optim = {t['optim']!r} (DeepSpeed and DDP)")
+    if is_train and t["devices"] > 1:
+        unavailable.append(f"train.devices = {t['devices']} (several ranks)")
+    if cfg["data"]["source"] != "synthetic":
+        unavailable.append(f"data.source = {cfg['data']['source']!r} (image-folder datasets)")
+    if unavailable:
+        raise ConfigError(
+            "not available in this version of blipmon yet: "
+            + "; ".join(unavailable)
+            + ". The preset validates and is listed so you can see it; run the others meanwhile."
+        )
+    reason = needs_gpu(cfg)
+    if reason:
+        has_cuda = cuda_available() if cuda is None else cuda
+        if not has_cuda:
+            raise ConfigError(
+                f"this configuration needs an NVIDIA GPU ({reason}), and none is available here. "
+                "To run it on the CPU instead: --set model.device_map=cpu"
+            )
+    _check_model_source(cfg)
+
+
+def _check_model_source(cfg: dict[str, Any]) -> None:
+    from blipmon.runner.models import TINY_MODELS
+
+    mid = cfg["model"]["id"]
+    if mid in TINY_MODELS or mid.startswith("tiny/"):
+        if mid not in TINY_MODELS:
+            raise ConfigError(f"model.id = {mid!r}: no such tiny model; expected one of {', '.join(TINY_MODELS)}")
+        return
+    if Path(mid).exists():
+        if not (Path(mid) / "config.json").is_file():
+            raise ConfigError(f"model.id = {mid!r}: a local path without config.json")
+        return
+    # A hub id: transformers resolves it (from the cache, or the network where there is one).
+
+
+class Launch:
+    """One child process recording into ``run_dir``; usable headless (``wait``) or from the dashboard."""
+
+    def __init__(self, cfg: dict[str, Any], out: Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = make_run_dir(cfg, out)
+        write_config(self.run_dir, cfg)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        alloc = self.cfg["runtime"]["alloc_conf"]
+        if alloc:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = alloc
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PYTHONUNBUFFERED"] = "1"
+        log = open(self.run_dir / LOG, "ab")  # noqa: SIM115 - the child owns it from here
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "blipmon.runner.child", str(self.run_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            log.close()
+
+    def poll(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = self.proc.poll()
+        if code is not None and self.returncode is None:
+            self._finish(code)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        while True:
+            try:
+                code = self.proc.wait()
+                break
+            except KeyboardInterrupt:
+                # Ctrl-C reached us too: let the child record the stop, then keep waiting for it.
+                self.stop()
+        self._finish(code)
+        return self.exit_code()
+
+    def _finish(self, code: int) -> None:
+        if self.returncode is not None:
+            return
+        self.returncode = code
+        append_exit(self.run_dir, code)
+
+    def exit_code(self) -> int:
+        """``blipmon run``'s exit code: 0 ok, 1 error, 3 oom, 4 stopped or killed."""
+        code = self.returncode
+        if code is None or code < 0:
+            return 4
+        return code if code in (0, 1, 3, 4) else 1
+
+
+def append_exit(run_dir: Path, returncode: int) -> None:
+    rec: dict[str, Any] = {"type": "exit", "t": None, "code": None, "signal": None, "wall": time.time()}
+    if returncode < 0:
+        try:
+            rec["signal"] = signal.Signals(-returncode).name
+        except ValueError:
+            rec["signal"] = f"SIG{-returncode}"
+    else:
+        rec["code"] = returncode
+    path = run_dir / EVENTS
+    try:
+        # A child killed mid-line leaves a partial record: end it so ours is a line of its own.
+        needs_newline = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(("\n" if needs_newline else "") + json.dumps(rec, separators=(",", ":")) + "\n")
+    except OSError as e:
+        print(f"blipmon: could not record the exit of {run_dir}: {e}", file=sys.stderr)
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+__all__ = ["CONFIG", "Launch", "append_exit", "make_run_dir", "preflight", "run_dir_name"]

@@ -1,0 +1,249 @@
+"""Building and loading models: the tiny built-in architectures and hub ids / local paths.
+
+Tiny models are real transformers architectures (BLIP-2 with OPT or T5, BLIP VQA) at toy sizes
+with random weights. They are saved once to a cache directory and then loaded back through
+``from_pretrained``, so the tests exercise exactly the path a hub checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_VERSION = 1  # bump when a tiny architecture changes, so stale caches are rebuilt
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("BLIPMON_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "blipmon"
+
+
+def _vision(image_size: int = 64) -> dict[str, Any]:
+    return {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": 16,
+    }
+
+
+def _qformer() -> dict[str, Any]:
+    return {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "encoder_hidden_size": 64,
+        "vocab_size": 1000,
+    }
+
+
+def tiny_config(name: str) -> Any:
+    """The architecture config of a built-in tiny model (``tiny/blip2-opt``, ``tiny/blip2-t5``, ``tiny/blip-vqa``)."""
+    from transformers import Blip2Config, BlipConfig, OPTConfig, T5Config
+
+    if name == "tiny/blip2-opt":
+        text = OPTConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=256,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
+        return Blip2Config(
+            vision_config=_vision(), qformer_config=_qformer(), text_config=text.to_dict(),
+            num_query_tokens=8, image_token_index=1023,
+        )  # fmt: skip
+    if name == "tiny/blip2-t5":
+        text = T5Config(
+            vocab_size=1024, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        return Blip2Config(
+            vision_config=_vision(), qformer_config=_qformer(), text_config=text.to_dict(),
+            num_query_tokens=8, image_token_index=1023,
+        )  # fmt: skip
+    if name == "tiny/blip-vqa":
+        return BlipConfig(
+            vision_config=_vision(),
+            text_config={
+                "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "encoder_hidden_size": 64, "max_position_embeddings": 128,
+                "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0,
+            },
+        )  # fmt: skip
+    raise KeyError(name)
+
+
+TINY_MODELS = ("tiny/blip2-opt", "tiny/blip2-t5", "tiny/blip-vqa")
+
+
+def model_class(config: Any) -> Any:
+    """The transformers class that trains this architecture the way the seeds do."""
+    from transformers import Blip2ForConditionalGeneration, BlipForQuestionAnswering
+
+    mt = getattr(config, "model_type", "")
+    if mt == "blip-2":
+        return Blip2ForConditionalGeneration
+    if mt == "blip":
+        return BlipForQuestionAnswering
+    raise ValueError(f"model_type {mt!r} is not supported yet (supported: blip-2, blip)")
+
+
+def ensure_tiny(name: str) -> Path:
+    """Build and save a tiny model once; later calls (and other processes) reuse the directory."""
+    target = cache_root() / "tiny" / f"{name.split('/', 1)[1]}-v{TINY_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(name)
+    torch.manual_seed(0)
+    model = model_class(cfg)(cfg)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    family: str  # "blip2-decoder" | "blip2-encdec" | "blip-vqa"
+    seconds: float
+    weights: str  # "pretrained" | "random"
+    device: torch.device  # where inputs go
+
+
+def family_of(config: Any) -> str:
+    if config.model_type == "blip":
+        return "blip-vqa"
+    return "blip2-decoder" if config.use_decoder_only_language_model else "blip2-encdec"
+
+
+def weights_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """Train jobs take their weight dtype from the precision mode (as Lightning does); others from model.dtype."""
+    if cfg["job"]["kind"] == "train":
+        return torch.bfloat16 if cfg["train"]["precision"] == "bf16-true" else torch.float32
+    return DTYPES[cfg["model"]["dtype"]]
+
+
+def resolve_source(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(path or id to load from, "pretrained" | "random")."""
+    mid, weights = cfg["model"]["id"], cfg["model"]["weights"]
+    if mid in TINY_MODELS:
+        return str(ensure_tiny(mid)), "random"
+    if Path(mid).is_dir():
+        return mid, "pretrained" if weights != "random" else "random"
+    if weights == "random":
+        return mid, "random"
+    if weights == "auto":
+        return mid, "pretrained" if _cached_locally(mid) else "random"
+    return mid, "pretrained"
+
+
+def _cached_locally(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
+    """Load as configured: dtype, quantization, device map; time it."""
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    source, weights = resolve_source(cfg)
+    mcfg = cfg["model"]
+    trust = bool(mcfg.get("trust_remote_code", False))
+    arch = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    cls = model_class(arch)
+    dtype = weights_dtype(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
+    quant = mcfg["quantization"]
+    if cfg["train"]["qlora"] and cfg["job"]["kind"] == "train" and quant == "none":
+        quant = "4bit-nf4"
+    if quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quant.startswith("4bit"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.split("-")[1],
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
+            bnb_4bit_use_double_quant=False,
+        )
+    dm = mcfg["device_map"]
+    move_after = False
+    if isinstance(dm, dict):
+        kwargs["device_map"] = dict(dm)
+    elif dm == "cuda":
+        kwargs["device_map"] = {"": 0}
+    elif dm == "auto":
+        kwargs["device_map"] = "auto" if cuda else None
+    elif dm == "cpu-first":
+        move_after = cuda
+    if quant != "none" and "device_map" not in kwargs:
+        kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+
+    t0 = time.perf_counter()
+    if weights == "random" and not Path(source).is_dir():
+        model = cls._from_config(arch, dtype=dtype)
+        if cuda and dm in ("cuda", "auto"):
+            model = model.to("cuda")
+    else:
+        model = cls.from_pretrained(source, **kwargs)
+    if move_after:
+        model = model.to("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return LoadedModel(
+        model=model, family=family_of(arch), seconds=seconds, weights=weights, device=input_device(model)
+    )
+
+
+def input_device(model: Any) -> torch.device:
+    """Where batches go: the device of the first parameter that takes the inputs (the vision tower)."""
+    for name, p in model.named_parameters():
+        if "vision_model" in name:
+            return p.device
+    return next(model.parameters()).device
+
+
+def placement(model: Any) -> dict[str, int]:
+    """Parameter bytes per device (unique storages), the figure seeds 000 and 001 care about."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        key = (str(p.device), st.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[str(p.device)] = out.get(str(p.device), 0) + st.nbytes()
+    return out

@@ -1,0 +1,184 @@
+"""The train job: a plain PyTorch loop with the seed lab's four phases at every micro-step.
+
+Written by hand rather than on Lightning so the phase boundaries are exactly where the lab puts
+them and nothing else (a logger, a progress bar) allocates between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from blipmon.core.schedule import schedule
+from blipmon.runner.data import make_dataset
+from blipmon.runner.models import LoadedModel
+from blipmon.runner.probes import NullProbe, PhaseProbe
+
+LORA_TARGETS = {
+    "blip2-decoder": r".*language_model.*\.(q_proj|v_proj)",
+    "blip2-encdec": r".*language_model.*\.(q|v)",
+    "blip-vqa": ["query", "value"],
+}
+
+
+@dataclass
+class Cursor:
+    """Where the job is, so an OOM or a stop can be recorded with its step and phase."""
+
+    step: int = 0
+    micro_step: int = 0
+    phase: str = "load"  # load | forward | backward | optimizer_step | generate
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":  # the lab's stateless baseline: no momentum
+        return torch.optim.SGD(params, lr=lr)
+    if name in ("adam_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.Adam8bit if name == "adam_8bit" else bnb.optim.PagedAdamW8bit
+        return cls(params, lr=lr)
+    raise NotImplementedError(f"train.optim = {name!r} is not available yet")
+
+
+def apply_peft(loaded: LoadedModel, cfg: dict[str, Any]) -> Any:
+    """Wrap with LoRA (and prepare a 4-bit base for k-bit training for QLoRA)."""
+    t = cfg["train"]
+    model = loaded.model
+    if not (t["lora"]["enabled"] or t["qlora"]):
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if t["qlora"] or cfg["model"]["quantization"] != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t["act_ckpt"])
+    lora = t["lora"]
+    targets = lora["target_modules"] or LORA_TARGETS[loaded.family]
+    peft_cfg = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets, bias="none"
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _to_device(
+    batch: dict[str, torch.Tensor], device: torch.device, float_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        if v.is_floating_point():
+            v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+def run_train(
+    loaded: LoadedModel,
+    cfg: dict[str, Any],
+    emit: Callable[..., Any],
+    cursor: Cursor,
+    *,
+    cuda: bool,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    t = cfg["train"]
+    torch.manual_seed(cfg["runtime"]["seed"])
+    model = apply_peft(loaded, cfg)
+    if t["act_ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(t["optim"], trainable, t["lr"])
+    scaler = torch.amp.GradScaler(loaded.device.type) if t["precision"] == "16-mixed" else None
+
+    sched = schedule(cfg)
+    dataset = make_dataset(loaded.model.config, loaded.family, cfg)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=t["batch_size"], shuffle=False, num_workers=t["num_workers"], pin_memory=cuda
+    )
+    emit(
+        "plan",
+        total_steps=sched.total_steps,
+        steps_per_epoch=sched.steps_per_epoch,
+        micro_per_step=sched.accumulate,
+        batch_size=t["batch_size"],
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=total_params,
+        weights=loaded.weights,
+    )
+    probe: PhaseProbe | NullProbe
+    if cfg["runtime"]["probes"]:
+        cuda_dev = loaded.device.index if loaded.device.type == "cuda" else None
+        probe = PhaseProbe(model, emit, optimizer=optimizer, cuda=cuda, cuda_device=cuda_dev)
+    else:
+        probe = NullProbe()
+    float_dtype = torch.bfloat16 if t["precision"] == "bf16-true" else torch.float32
+    acc = sched.accumulate
+    step = 0
+    for _epoch in range(t["max_epochs"]):
+        micro = 0
+        losses: list[float] = []
+        samples = 0
+        t_start = time.perf_counter()
+        for i, batch in enumerate(loader):
+            if step >= sched.total_steps or should_stop():
+                break
+            last_of_epoch = i == sched.micro_per_epoch - 1
+            cursor.step, cursor.micro_step, cursor.phase = step, micro, "forward"
+            probe.boundary("before_fwd", step, micro)
+            batch = _to_device(batch, loaded.device, float_dtype)
+            samples += int(batch["pixel_values"].shape[0])
+            with probe.saved.track(), _autocast(t["precision"], loaded.device):
+                out = model(**batch)
+            loss = out.loss / acc
+            del out
+            probe.boundary("after_fwd", step, micro)
+            cursor.phase = "backward"
+            (scaler.scale(loss) if scaler else loss).backward()
+            losses.append(float(loss.detach()) * acc)
+            del loss, batch
+            probe.boundary("after_bwd", step, micro)
+            micro += 1
+            if micro < acc and not last_of_epoch:
+                continue
+            cursor.phase = "optimizer_step"
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            probe.boundary("after_opt_step", step, micro - 1)
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t_start
+            emit(
+                "step",
+                step=step,
+                seconds=round(seconds, 6),
+                loss=sum(losses) / len(losses),
+                samples_per_s=samples / seconds if seconds > 0 else None,
+                micro_steps=micro,
+            )
+            step += 1
+            micro, losses, samples = 0, [], 0
+            t_start = time.perf_counter()
+        if step >= sched.total_steps or should_stop():
+            break
