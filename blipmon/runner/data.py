@@ -7,6 +7,9 @@ lab pads to it), which makes the step's memory the worst case rather than a luck
 
 from __future__ import annotations
 
+import json
+import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,13 +65,133 @@ class SyntheticCaptions(Dataset[dict[str, torch.Tensor]]):
         return item
 
 
-def make_dataset(model_config: Any, family: str, cfg: dict[str, Any]) -> SyntheticCaptions:
-    source = cfg["data"]["source"]
-    if source != "synthetic":
-        raise NotImplementedError(
-            f"data.source = {source!r}: image-folder datasets are not available yet; use 'synthetic'"
-        )
+# The normalisation BLIP and BLIP-2 processors use (OpenAI CLIP statistics).
+_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_metadata(folder: Path) -> list[dict[str, str]]:
+    """Records of an image folder in Hugging Face's imagefolder convention; errors name file and line."""
+    meta = folder / "metadata.jsonl"
+    if not folder.is_dir():
+        raise ValueError(f"data.source = {str(folder)!r}: not a directory")
+    if not meta.is_file():
+        raise ValueError(f"data.source = {str(folder)!r}: no metadata.jsonl in it (lines of file_name + text)")
+    records: list[dict[str, str]] = []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{meta}:{n}: not a JSON object") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
+            raise ValueError(f"{meta}:{n}: expected an object with a 'file_name'")
+        if not isinstance(rec.get("text"), str) and not (
+            isinstance(rec.get("question"), str) and isinstance(rec.get("answer"), str)
+        ):
+            raise ValueError(f"{meta}:{n}: expected 'text' (captions) or 'question' and 'answer' (VQA)")
+        path = (folder / rec["file_name"]).resolve()
+        if folder.resolve() not in path.parents:
+            raise ValueError(f"{meta}:{n}: file_name {rec['file_name']!r} points outside the folder")
+        records.append({k: v for k, v in rec.items() if isinstance(v, str)})
+    if not records:
+        raise ValueError(f"{meta}: no records")
+    return records
+
+
+class HashTokenizer:
+    """Stands in for a tokenizer when weights are random and none is cached: same lengths, stable ids.
+
+    Memory depends on sequence length, not on which ids fill it, so this keeps a real dataset's
+    shapes without needing the model's vocabulary files.
+    """
+
+    def __init__(self, vocab: int, reserved: set[int]) -> None:
+        self.vocab = vocab
+        self.reserved = reserved
+
+    def __call__(self, text: str, length: int) -> torch.Tensor:
+        ids = []
+        for word in text.split()[:length]:
+            i = 4 + zlib.crc32(word.encode()) % (self.vocab - 5)
+            ids.append(i if i not in self.reserved else 4)
+        ids += [0] * (length - len(ids))
+        return torch.tensor(ids, dtype=torch.long)
+
+
+class ImageFolderCaptions(SyntheticCaptions):
+    """A real image folder: images resized and normalised like the BLIP processors do, text tokenised."""
+
+    def __init__(
+        self, model_config: Any, family: str, folder: Path, n: int, max_length: int, processor: Any = None
+    ) -> None:
+        records = read_metadata(folder)[:n]
+        super().__init__(model_config, family, len(records), max_length)
+        self.folder = folder
+        self.records = records
+        self.processor = processor
+        reserved = {int(self.image_token)} if self.image_token is not None else set()
+        self.hash_tok = HashTokenizer(self.vocab, reserved)
+
+    def _image(self, name: str) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.folder / name) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        x = data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
+        mean = torch.tensor(_MEAN).view(3, 1, 1)
+        std = torch.tensor(_STD).view(3, 1, 1)
+        return (x - mean) / std
+
+    def _tok(self, text: str, length: int) -> torch.Tensor:
+        if self.processor is not None:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            out = tok(text, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+            return out["input_ids"][0]
+        return self.hash_tok(text, length)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rec = self.records[i]
+        pixels = self._image(rec["file_name"])
+        if self.family == "blip-vqa":
+            q = self._tok(rec.get("question", rec.get("text", "")), self.max_length)
+            a = self._tok(rec.get("answer", ""), self.answer_length)
+            return {"pixel_values": pixels, "input_ids": q, "attention_mask": (q != 0).long(), "labels": a}
+        text = self._tok(rec.get("text", rec.get("question", "")), self.max_length)
+        image = torch.full((self.num_query,), int(self.image_token), dtype=torch.long)
+        ids = torch.cat([image, text])
+        item = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.family == "blip2-decoder":
+            labels = ids.clone()
+            labels[: self.num_query] = -100
+            item["labels"] = labels
+        else:
+            item["labels"] = text.clone()
+        return item
+
+
+def load_processor(source: str) -> Any:
+    """The model's own processor when it is available locally, else None (the hash tokenizer is used)."""
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, local_files_only=True)
+    except Exception:
+        return None
+
+
+def make_dataset(
+    model_config: Any, family: str, cfg: dict[str, Any], source_path: str | None = None
+) -> SyntheticCaptions:
     t = cfg["train"]
-    return SyntheticCaptions(
-        model_config, family, t["num_train_samples"], cfg["data"]["max_length"], cfg["runtime"]["seed"]
+    source = cfg["data"]["source"]
+    if source == "synthetic":
+        return SyntheticCaptions(
+            model_config, family, t["num_train_samples"], cfg["data"]["max_length"], cfg["runtime"]["seed"]
+        )
+    processor = load_processor(source_path) if source_path else None
+    return ImageFolderCaptions(
+        model_config, family, Path(source), t["num_train_samples"], cfg["data"]["max_length"], processor
     )

@@ -73,8 +73,6 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
         unavailable.append(f"train.strategy = {t['strategy']!r} / train.optim = {t['optim']!r} (DeepSpeed and DDP)")
     if is_train and t["devices"] > 1:
         unavailable.append(f"train.devices = {t['devices']} (several ranks)")
-    if cfg["data"]["source"] != "synthetic":
-        unavailable.append(f"data.source = {cfg['data']['source']!r} (image-folder datasets)")
     if unavailable:
         raise ConfigError(
             "not available in this version of blipmon yet: "
@@ -90,6 +88,13 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
                 "To run it on the CPU instead: --set model.device_map=cpu"
             )
     _check_model_source(cfg)
+    if is_train and cfg["data"]["source"] != "synthetic":
+        from blipmon.runner.data import read_metadata
+
+        try:
+            read_metadata(Path(cfg["data"]["source"]))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_model_source(cfg: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-TINY_VERSION = 1  # bump when a tiny architecture changes, so stale caches are rebuilt
+TINY_VERSION = 2  # bump when a tiny architecture changes, so stale caches are rebuilt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,7 +27,7 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "blipmon"
 
 
-def _vision(image_size: int = 64) -> dict[str, Any]:
+def _vision(image_size: int = 128) -> dict[str, Any]:
     return {
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -135,6 +135,7 @@ class LoadedModel:
     seconds: float
     weights: str  # "pretrained" | "random"
     device: torch.device  # where inputs go
+    source: str = ""  # the directory or hub id it came from (for its processor)
 
 
 def family_of(config: Any) -> str:
@@ -223,7 +224,12 @@ def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return LoadedModel(
-        model=model, family=family_of(arch), seconds=seconds, weights=weights, device=input_device(model)
+        model=model,
+        family=family_of(arch),
+        seconds=seconds,
+        weights=weights,
+        device=input_device(model),
+        source=source,
     )
 
 

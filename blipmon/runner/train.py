@@ -7,6 +7,7 @@ them and nothing else (a logger, a progress bar) allocates between them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from blipmon.core.schedule import schedule
 from blipmon.runner.data import make_dataset
 from blipmon.runner.models import LoadedModel
-from blipmon.runner.probes import NullProbe, PhaseProbe
+from blipmon.runner.probes import NullProbe, PhaseProbe, track_checkpoint_inputs
 
 LORA_TARGETS = {
     "blip2-decoder": r".*language_model.*\.(q_proj|v_proj)",
@@ -66,6 +67,17 @@ def apply_peft(loaded: LoadedModel, cfg: dict[str, Any]) -> Any:
     return get_peft_model(model, peft_cfg)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing of every layer, through whichever name this transformers has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if precision == "bf16-mixed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -99,17 +111,21 @@ def run_train(
     torch.manual_seed(cfg["runtime"]["seed"])
     model = apply_peft(loaded, cfg)
     if t["act_ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
     model.train()
+    # Everything loaded so far lives for the whole run: keep the cyclic GC from rescanning it
+    # every few thousand allocations (it cost a third of a tiny model's step).
+    gc.collect()
+    gc.freeze()
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(t["optim"], trainable, t["lr"])
     scaler = torch.amp.GradScaler(loaded.device.type) if t["precision"] == "16-mixed" else None
 
+    dataset = make_dataset(loaded.model.config, loaded.family, cfg, loaded.source)
+    if len(dataset) < t["num_train_samples"]:  # a real folder smaller than asked for: an epoch is the folder
+        cfg = {**cfg, "train": {**t, "num_train_samples": len(dataset)}}
     sched = schedule(cfg)
-    dataset = make_dataset(loaded.model.config, loaded.family, cfg)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t["batch_size"], shuffle=False, num_workers=t["num_workers"], pin_memory=cuda
     )
@@ -127,6 +143,8 @@ def run_train(
     if cfg["runtime"]["probes"]:
         cuda_dev = loaded.device.index if loaded.device.type == "cuda" else None
         probe = PhaseProbe(model, emit, optimizer=optimizer, cuda=cuda, cuda_device=cuda_dev)
+        if t["act_ckpt"]:
+            track_checkpoint_inputs(model, probe.saved)
     else:
         probe = NullProbe()
     float_dtype = torch.bfloat16 if t["precision"] == "bf16-true" else torch.float32
