@@ -69,14 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
+    from blipmon.core.profile import ProfileError, read_config
+
+    try:
+        cfg_raw = read_config(run_dir)
+    except ProfileError as e:
+        print(f"blipmon child: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return record(cfg_raw, run_dir, source="blipmon run")
+
+
+def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run") -> int:
+    """Run one job and record it into ``run_dir``; returns the exit code. Also usable in-process."""
+    import blipmon
     from blipmon.core import config as config_mod
-    from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter, read_config
+    from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter
 
     writer = EventWriter(run_dir / EVENTS)
     emit = writer.write
-    cfg_raw = read_config(run_dir)
-    import blipmon
-
     emit(
         "header",
         format_version=FORMAT_VERSION,
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         pid=os.getpid(),
         hostname=socket.gethostname(),
         started=time.time(),
-        source="blipmon run",
+        source=source,
         blipmon=blipmon.__version__,
     )
     try:

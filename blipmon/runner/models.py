@@ -174,14 +174,54 @@ def _cached_locally(model_id: str) -> bool:
         return False
 
 
+def architecture(source: str, weights: str, trust: bool) -> Any:
+    """The architecture config: shipped with blipmon for known ids, else from the path or the HF cache."""
+    from transformers import AutoConfig
+
+    if not Path(source).is_dir():
+        try:
+            from blipmon.architectures.catalog import architecture_config
+        except ImportError:  # pragma: no cover - the catalog ships with blipmon
+            architecture_config = None
+        if architecture_config is not None:
+            arch = architecture_config(source)
+            if arch is not None:
+                return arch
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust)
+
+
+def random_snapshot(model_id: str, arch: Any) -> Path:
+    """A random-weight checkpoint of a real-size architecture, written once to the cache.
+
+    Quantized loading and explicit device maps only exist on ``from_pretrained``'s path, so a
+    model that must be quantized or split is materialised once (in bfloat16, to halve the disk)
+    and then loaded exactly as its real checkpoint would be.
+    """
+    safe = model_id.replace("/", "--")
+    target = cache_root() / "random" / safe
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = model_class(arch)._from_config(arch, dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        del model
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
     """Load as configured: dtype, quantization, device map; time it."""
-    from transformers import AutoConfig, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     source, weights = resolve_source(cfg)
     mcfg = cfg["model"]
     trust = bool(mcfg.get("trust_remote_code", False))
-    arch = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    arch = architecture(source, weights, trust)
     cls = model_class(arch)
     dtype = weights_dtype(cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
@@ -211,11 +251,15 @@ def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
         kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
+    direct = weights == "random" and not Path(source).is_dir() and quant == "none" and not isinstance(dm, dict)
+    if weights == "random" and not Path(source).is_dir() and not direct:
+        source = str(random_snapshot(source, arch))
     t0 = time.perf_counter()
-    if weights == "random" and not Path(source).is_dir():
-        model = cls._from_config(arch, dtype=dtype)
-        if cuda and dm in ("cuda", "auto"):
-            model = model.to("cuda")
+    if direct:
+        # Real-size random weights built straight on their device: no download, no disk.
+        device = "cuda" if cuda and dm in ("cuda", "auto") else "cpu"
+        with torch.device(device):
+            model = cls._from_config(arch, dtype=dtype)
     else:
         model = cls.from_pretrained(source, **kwargs)
     if move_after:
