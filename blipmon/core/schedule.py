@@ -21,7 +21,9 @@ class Schedule:
 
 def schedule(cfg: dict[str, Any]) -> Schedule:
     t = cfg["train"]
-    micro = math.ceil(t["num_train_samples"] / t["batch_size"])
+    # Under DDP each rank sees its share of the samples (a DistributedSampler), as in Lightning.
+    world = t.get("devices", 1) if t.get("strategy") == "ddp" else 1
+    micro = math.ceil(math.ceil(t["num_train_samples"] / world) / t["batch_size"])
     acc = t["accumulate_grad_batches"]
     per_epoch = math.ceil(micro / acc)
     total = per_epoch * t["max_epochs"]

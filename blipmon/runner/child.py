@@ -84,32 +84,38 @@ def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run
     import blipmon
     from blipmon.core import config as config_mod
     from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter
+    from blipmon.runner.distributed import Dist
 
+    dist = Dist.from_env()
     writer = EventWriter(run_dir / EVENTS)
     emit = writer.write
-    emit(
-        "header",
-        format_version=FORMAT_VERSION,
-        name=str(cfg_raw.get("name", run_dir.name)),
-        pid=os.getpid(),
-        hostname=socket.gethostname(),
-        started=time.time(),
-        source=source,
-        blipmon=blipmon.__version__,
-    )
+    if not dist.multi:  # under torchrun the launcher wrote the header before any rank started
+        emit(
+            "header",
+            format_version=FORMAT_VERSION,
+            name=str(cfg_raw.get("name", run_dir.name)),
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            started=time.time(),
+            source=source,
+            blipmon=blipmon.__version__,
+        )
+    else:
+        emit("rank_start", rank=dist.rank, local_rank=dist.local_rank, pid=os.getpid())
     try:
         cfg = config_mod.validate(cfg_raw)
     except config_mod.ConfigError as e:
-        emit("error", message=str(e))
-        emit("end", status="error", code=EXIT_ERROR)
+        emit("error", message=str(e), rank=dist.rank)
+        emit("end", status="error", code=EXIT_ERROR, rank=dist.rank)
         writer.close()
         print(e, file=sys.stderr)
         return EXIT_ERROR
-    emit("config", config=cfg)
-    return _run(cfg, writer)
+    if dist.main:
+        emit("config", config=cfg)
+    return _run(cfg, writer, dist)
 
 
-def _run(cfg: dict[str, Any], writer: Any) -> int:
+def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
     from blipmon.runner.train import Cursor
 
     emit = writer.write
@@ -124,14 +130,17 @@ def _run(cfg: dict[str, Any], writer: Any) -> int:
         from blipmon.runner.sampler import Sampler
 
         cuda = torch.cuda.is_available() and cfg["model"]["device_map"] != "cpu"
-        emit("environment", **environment(cuda))
-        sampler = Sampler(emit, cfg["runtime"]["sample_hz"], cuda=cuda)
+        dist.init(cuda)
+        if dist.main:
+            emit("environment", **environment(cuda))
+        sampler = Sampler(emit, cfg["runtime"]["sample_hz"], cuda=cuda, cuda_device=dist.local_rank, rank=dist.rank)
         sampler.start()
         print(f"[blipmon] loading {cfg['model']['id']} ...", flush=True)
-        loaded = load_model(cfg, cuda=cuda)
+        loaded = load_model(cfg, cuda=cuda, cuda_index=dist.local_rank)
         place = placement(loaded.model)
         emit(
-            "load",
+            "load" if dist.main else "rank_load",
+            rank=dist.rank,
             seconds=round(loaded.seconds, 6),
             params_bytes=sum(place.values()),
             placement=place,
@@ -144,7 +153,7 @@ def _run(cfg: dict[str, Any], writer: Any) -> int:
         if kind == "train":
             from blipmon.runner.train import run_train
 
-            run_train(loaded, cfg, emit, cursor, cuda=cuda, should_stop=lambda: writer.failed is not None)
+            run_train(loaded, cfg, emit, cursor, cuda=cuda, dist=dist, should_stop=lambda: writer.failed is not None)
         elif kind == "generate":
             from blipmon.runner.generate import run_generate
 
@@ -156,16 +165,17 @@ def _run(cfg: dict[str, Any], writer: Any) -> int:
         emit("note", message=f"stopped by {e}")
         print(f"[blipmon] stopped by {e}", flush=True)
     except BaseException as e:  # noqa: BLE001 - every ending must be recorded
-        status, code = _record_failure(e, cursor, emit)
+        status, code = _record_failure(e, cursor, emit, dist.rank)
     finally:
         if sampler is not None:
             sampler.stop()
-    emit("end", status=status, code=code)
+        dist.close()
+    emit("end", status=status, code=code, rank=dist.rank)
     writer.close()
     return code
 
 
-def _record_failure(e: BaseException, cursor: Any, emit: Any) -> tuple[str, int]:
+def _record_failure(e: BaseException, cursor: Any, emit: Any, rank: int = 0) -> tuple[str, int]:
     import torch
 
     from blipmon.core.units import requested_bytes_from_message
@@ -187,6 +197,7 @@ def _record_failure(e: BaseException, cursor: Any, emit: Any) -> tuple[str, int]
             phase=cursor.phase,
             requested_bytes=requested_bytes_from_message(str(e)),
             message=message[:2000],
+            rank=rank,
             **state,
         )
         print(f"[blipmon] out of memory at step {cursor.step}, {cursor.phase}: {message[:300]}", flush=True)
@@ -194,7 +205,7 @@ def _record_failure(e: BaseException, cursor: Any, emit: Any) -> tuple[str, int]
     if isinstance(e, KeyboardInterrupt):
         return "stopped", EXIT_STOPPED
     tb = "".join(traceback.format_exception(e))
-    emit("error", message=message[:2000], traceback=tb[-8000:], phase=cursor.phase, step=cursor.step)
+    emit("error", message=message[:2000], traceback=tb[-8000:], phase=cursor.phase, step=cursor.step, rank=rank)
     print(tb, file=sys.stderr, flush=True)
     return "error", EXIT_ERROR
 

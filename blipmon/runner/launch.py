@@ -69,10 +69,17 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
     t = cfg["train"]
     is_train = cfg["job"]["kind"] == "train"
     unavailable: list[str] = []
-    if is_train and (t["strategy"] != "auto" or t["optim"] == "deepspeed_cpu"):
-        unavailable.append(f"train.strategy = {t['strategy']!r} / train.optim = {t['optim']!r} (DeepSpeed and DDP)")
-    if is_train and t["devices"] > 1:
-        unavailable.append(f"train.devices = {t['devices']} (several ranks)")
+    if is_train and (t["strategy"] == "deepspeed_stage_2_offload" or t["optim"] == "deepspeed_cpu"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                "train.strategy = 'deepspeed_stage_2_offload' needs DeepSpeed, which is not installed: "
+                "pip install 'blipmon[deepspeed]' (it also needs an NVIDIA GPU)"
+            )
+        unavailable.append("DeepSpeed ZeRO-2 offload (train.strategy = 'deepspeed_stage_2_offload')")
+    if t["devices"] > 1 and cfg["job"]["kind"] != "train":
+        unavailable.append(f"train.devices = {t['devices']} for a {cfg['job']['kind']} job (several ranks train only)")
     if unavailable:
         raise ConfigError(
             "not available in this version of blipmon yet: "
@@ -122,8 +129,18 @@ class Launch:
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
+    def command(self) -> list[str]:
+        """The child's argument list: the child module itself, or torchrun starting one per rank."""
+        child = ["-m", "blipmon.runner.child", str(self.run_dir)]
+        t = self.cfg["train"]
+        if self.cfg["job"]["kind"] == "train" and t["strategy"] == "ddp" and t["devices"] > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                    f"--nproc-per-node={t['devices']}", *child]  # fmt: skip
+        return [sys.executable, *child]
+
     def start(self) -> None:
         env = dict(os.environ)
+        env["BLIPMON_T0"] = repr(time.monotonic())
         alloc = self.cfg["runtime"]["alloc_conf"]
         if alloc:
             env["PYTORCH_CUDA_ALLOC_CONF"] = alloc
@@ -131,8 +148,11 @@ class Launch:
         env["PYTHONUNBUFFERED"] = "1"
         log = open(self.run_dir / LOG, "ab")  # noqa: SIM115 - the child owns it from here
         try:
+            cmd = self.command()
+            if len(cmd) > 4:  # several ranks: the header comes from here, before any rank appends
+                self._write_header(env)
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "blipmon.runner.child", str(self.run_dir)],
+                cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -140,6 +160,26 @@ class Launch:
             )
         finally:
             log.close()
+
+    def _write_header(self, env: dict[str, str]) -> None:
+        import socket
+
+        import blipmon
+        from blipmon.core.profile import FORMAT_VERSION, EventWriter
+
+        writer = EventWriter(self.run_dir / EVENTS, t0=float(env["BLIPMON_T0"]))
+        writer.write(
+            "header",
+            format_version=FORMAT_VERSION,
+            name=str(self.cfg.get("name", self.run_dir.name)),
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            started=time.time(),
+            source="blipmon run (torchrun)",
+            blipmon=blipmon.__version__,
+            world_size=self.cfg["train"]["devices"],
+        )
+        writer.close()
 
     def poll(self) -> int | None:
         if self.proc is None:

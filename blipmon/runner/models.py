@@ -214,7 +214,7 @@ def random_snapshot(model_id: str, arch: Any) -> Path:
     return target
 
 
-def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
+def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> LoadedModel:
     """Load as configured: dtype, quantization, device map; time it."""
     from transformers import BitsAndBytesConfig
 
@@ -242,13 +242,13 @@ def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
     if isinstance(dm, dict):
         kwargs["device_map"] = dict(dm)
     elif dm == "cuda":
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": cuda_index}
     elif dm == "auto":
-        kwargs["device_map"] = "auto" if cuda else None
+        kwargs["device_map"] = ("auto" if cuda_index == 0 else {"": cuda_index}) if cuda else None
     elif dm == "cpu-first":
         move_after = cuda
     if quant != "none" and "device_map" not in kwargs:
-        kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
+        kwargs["device_map"] = {"": cuda_index} if cuda else {"": "cpu"}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
     direct = weights == "random" and not Path(source).is_dir() and quant == "none" and not isinstance(dm, dict)
@@ -257,13 +257,13 @@ def load_model(cfg: dict[str, Any], *, cuda: bool) -> LoadedModel:
     t0 = time.perf_counter()
     if direct:
         # Real-size random weights built straight on their device: no download, no disk.
-        device = "cuda" if cuda and dm in ("cuda", "auto") else "cpu"
+        device = f"cuda:{cuda_index}" if cuda and dm in ("cuda", "auto") else "cpu"
         with torch.device(device):
             model = cls._from_config(arch, dtype=dtype)
     else:
         model = cls.from_pretrained(source, **kwargs)
     if move_after:
-        model = model.to("cuda")
+        model = model.to(f"cuda:{cuda_index}")
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

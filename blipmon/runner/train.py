@@ -17,6 +17,7 @@ import torch
 
 from blipmon.core.schedule import schedule
 from blipmon.runner.data import make_dataset
+from blipmon.runner.distributed import Dist
 from blipmon.runner.models import LoadedModel
 from blipmon.runner.probes import NullProbe, PhaseProbe, track_checkpoint_inputs
 
@@ -105,8 +106,10 @@ def run_train(
     cursor: Cursor,
     *,
     cuda: bool,
+    dist: Dist | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
+    dist = dist or Dist()
     t = cfg["train"]
     torch.manual_seed(cfg["runtime"]["seed"])
     model = apply_peft(loaded, cfg)
@@ -119,6 +122,10 @@ def run_train(
     gc.freeze()
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_params = sum(p.numel() for p in model.parameters())
+    if dist.multi:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[loaded.device.index] if loaded.device.type == "cuda" else None
+        )
     optimizer = build_optimizer(t["optim"], trainable, t["lr"])
     scaler = torch.amp.GradScaler(loaded.device.type) if t["precision"] == "16-mixed" else None
 
@@ -126,11 +133,23 @@ def run_train(
     if len(dataset) < t["num_train_samples"]:  # a real folder smaller than asked for: an epoch is the folder
         cfg = {**cfg, "train": {**t, "num_train_samples": len(dataset)}}
     sched = schedule(cfg)
+    sampler = (
+        torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=False)
+        if dist.multi
+        else None
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=t["batch_size"], shuffle=False, num_workers=t["num_workers"], pin_memory=cuda
+        dataset,
+        batch_size=t["batch_size"],
+        shuffle=False,
+        sampler=sampler,
+        num_workers=t["num_workers"],
+        pin_memory=cuda,
     )
     emit(
-        "plan",
+        "plan" if dist.main else "rank_plan",
+        rank=dist.rank,
+        world_size=dist.world,
         total_steps=sched.total_steps,
         steps_per_epoch=sched.steps_per_epoch,
         micro_per_step=sched.accumulate,
@@ -142,7 +161,7 @@ def run_train(
     probe: PhaseProbe | NullProbe
     if cfg["runtime"]["probes"]:
         cuda_dev = loaded.device.index if loaded.device.type == "cuda" else None
-        probe = PhaseProbe(model, emit, optimizer=optimizer, cuda=cuda, cuda_device=cuda_dev)
+        probe = PhaseProbe(model, emit, optimizer=optimizer, rank=dist.rank, cuda=cuda, cuda_device=cuda_dev)
         if t["act_ckpt"]:
             track_checkpoint_inputs(model, probe.saved)
     else:
@@ -188,7 +207,8 @@ def run_train(
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t_start
             emit(
-                "step",
+                "step" if dist.main else "rank_step",
+                rank=dist.rank,
                 step=step,
                 seconds=round(seconds, 6),
                 loss=sum(losses) / len(losses),

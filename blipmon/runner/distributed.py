@@ -1,0 +1,49 @@
+"""Several ranks: what torchrun tells each child, and the process group it needs.
+
+blipmon does not launch ranks itself; ``torch.distributed.run`` does (see ``launch.py``), and
+each rank records its own phases into the shared event stream with its ``rank``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def multi(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        def num(name: str, default: int) -> int:
+            try:
+                return int(os.environ.get(name, default))
+            except ValueError:
+                return default
+
+        return cls(rank=num("RANK", 0), local_rank=num("LOCAL_RANK", 0), world=num("WORLD_SIZE", 1))
+
+    def init(self, cuda: bool) -> None:
+        """nccl between GPUs, gloo on CPUs."""
+        if not self.multi or torch.distributed.is_initialized():
+            return
+        if cuda:
+            torch.cuda.set_device(self.local_rank)
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+
+    def close(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
