@@ -25,6 +25,14 @@ class StopRequested(BaseException):
     """Raised in the main thread by SIGTERM/SIGINT; a BaseException so library code cannot swallow it."""
 
 
+class ProfileWriteError(Exception):
+    """The profile cannot be written (a full disk, a file-size limit, a removed directory)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
@@ -159,7 +167,14 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
 
             run_generate(loaded, cfg, emit, cursor, cuda=cuda)
         if writer.failed is not None:
-            raise OSError(f"cannot write the profile any more: {writer.failed}")
+            raise ProfileWriteError(writer.failed)
+    except ProfileWriteError as e:
+        status, code = "error", EXIT_ERROR
+        print(
+            f"[blipmon] stopped: cannot write the profile any more ({e.cause}); everything recorded before is kept",
+            file=sys.stderr,
+            flush=True,
+        )
     except StopRequested as e:
         status, code = "stopped", EXIT_STOPPED
         emit("note", message=f"stopped by {e}")
