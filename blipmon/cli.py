@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("sweep", help="run several configurations one after another")
-    s.add_argument("configs", nargs="+", metavar="CONFIG")
+    s.add_argument("configs", nargs="+", metavar="CONFIG", help="presets, groups (h100/), TOML files or folders")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V", help="for every run")
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
+    s.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table",
+                   help="format of the comparison printed at the end")  # fmt: skip
 
     s = sub.add_parser("watch", help="record any command's process tree (no instrumentation)")
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
+    s.add_argument("--sample-hz", type=float, default=None, metavar="HZ")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     return p
 
@@ -117,16 +124,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from blipmon.ui.app import run_live
 
         return run_live(cfg, args.out)
-    launch = Launch(cfg, args.out)
+    try:
+        launch = Launch(cfg, args.out)
+    except OSError as e:
+        where = args.out if args.out is not None else Path("profiles")
+        raise UsageError(f"--out {where}: cannot create the run directory there ({e.strerror or e})") from None
     print(f"blipmon: recording {cfg['name']} into {launch.run_dir}", file=sys.stderr)
     launch.start()
-    code = launch.wait()
+    with _stop_signals_forwarded_to(launch):
+        code = launch.wait()
+    from blipmon.core.profile import ProfileError
     from blipmon.core.run import load_run
 
-    run = load_run(launch.run_dir)
-    print(f"blipmon: {cfg['name']}: {run.status}; see `blipmon show {launch.run_dir}`", file=sys.stderr)
+    try:
+        status = load_run(launch.run_dir).status
+    except ProfileError as e:  # the child died before it recorded anything: the exit code still stands
+        status = f"nothing readable was recorded ({e}); its output is in {launch.run_dir / 'child.log'}"
+    print(f"blipmon: {cfg['name']}: {status}; see `blipmon show {launch.run_dir}`", file=sys.stderr)
     print(launch.run_dir)
     return code
+
+
+@contextlib.contextmanager
+def _stop_signals_forwarded_to(launch: Any) -> Iterator[None]:
+    """While ``blipmon run`` waits, SIGTERM or SIGHUP to it stops the child, which records the stop.
+
+    Without this a ``kill`` of the headless parent (a scheduler, ``timeout``, a closed ssh session)
+    killed only the parent and left the child training, unrecorded and holding the GPU.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(_signum: int, _frame: Any) -> None:
+        launch.stop(signal.SIGTERM)
+
+    sigs = [signal.SIGTERM, signal.SIGHUP]
+    previous = {sig: signal.signal(sig, forward) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

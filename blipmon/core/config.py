@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import re
 import tomllib
@@ -133,19 +134,25 @@ def get(cfg: Mapping[str, Any], dotted: str) -> Any:
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         key = f"{prefix}{k}"
-        # model.device_map is a value that may itself be a table: never descend into it.
-        if isinstance(v, dict) and key in _TABLES and key not in SCHEMA:
+        # model.device_map is a value that may itself be a table: never descend into it. Unknown
+        # tables are descended into too, so a typo in a table name ([trian]) is reported with the
+        # full dotted key and a suggestion for it (trian.batch_size -> train.batch_size).
+        if isinstance(v, dict) and key not in SCHEMA and (v or key in _TABLES):
             yield from _flatten(v, key + ".")
         else:
             yield key, v
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, [*SCHEMA, *sorted(_TABLES)], n=1, cutoff=0.6)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
         close = [k for k in SCHEMA if k.rsplit(".", 1)[-1] == leaf][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _example_key(table: str) -> str:
+    return next(k for k in SCHEMA if k.startswith(table + "."))
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,6 +173,9 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
     """
     errors: list[str] = []
     for key, value in _flatten(raw):
+        if key in _TABLES and key not in SCHEMA:
+            errors.append(f"{key} = {value!r}: expected a table (e.g. {_example_key(key)} = ...)")
+            continue
         if key not in SCHEMA:
             errors.append(f"unknown key {key!r}{_suggest(key)}")
             continue
@@ -283,8 +293,15 @@ def load_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
-    data.setdefault("name", path.stem)
+    data.setdefault("name", _name_from_stem(path.stem))
     return data
+
+
+def _name_from_stem(stem: str) -> str:
+    """A file's stem as a valid ``name`` (``exp (v2).toml`` -> ``exp-v2``), so an unnamed file never fails on it."""
+    name = re.sub(r"[^A-Za-z0-9_.\- ]+", "-", stem)
+    name = re.sub(r"\.{2,}", ".", name).strip(" -.")[:120]
+    return name or "unnamed"
 
 
 def resolve(source: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -323,7 +340,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes (\n, \t, \uXXXX, ...) are all valid in a TOML basic string; DEL is
+        # the one character TOML forbids raw that JSON leaves alone.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

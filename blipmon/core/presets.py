@@ -10,6 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+# The built-in tiny architectures (built in code by blipmon.runner.models); named here, away from
+# torch, so checking a configuration never pays for importing it.
+TINY_MODELS = ("tiny/blip2-opt", "tiny/blip2-t5", "tiny/blip-vqa")
+
 _MODELS = {
     "opt-2.7b": "Salesforce/blip2-opt-2.7b",
     "opt-6.7b": "Salesforce/blip2-opt-6.7b",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _UNITS = {
     "": 1, "b": 1,
@@ -21,7 +22,8 @@ def parse_size(text: str) -> int:
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a size: use e.g. 80GiB, 24GB, 512MiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[unit])
+    # Decimal, not float: "2.01KB" is 2010 bytes, where 2.01 * 1000 in binary floating point is 2009.99...
+    return int(Decimal(m.group(1)) * _UNITS[unit])
 
 
 def fmt_bytes(n: int | float | None, *, unit: str | None = None, digits: int = 2) -> str:
@@ -53,7 +55,7 @@ def fmt_seconds(s: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
-_OOM_RE = re.compile(r"[Tt]ried to allocate\s+([0-9.]+)\s*([KMGT]i?B|bytes)", re.I)
+_OOM_RE = re.compile(r"[Tt]ried to allocate\s+([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|bytes)\b", re.I)
 _CPU_OOM_RE = re.compile(r"you tried to allocate\s+([0-9]+)\s+bytes", re.I)
 
 
@@ -65,5 +67,5 @@ def requested_bytes_from_message(message: str) -> int | None:
     m = _OOM_RE.search(message)
     if m:
         unit = m.group(2).lower()
-        return int(float(m.group(1)) * (1 if unit == "bytes" else _UNITS[unit]))
+        return int(Decimal(m.group(1)) * (1 if unit == "bytes" else _UNITS[unit]))
     return None

@@ -196,7 +196,14 @@ def _record_failure(e: BaseException, cursor: Any, emit: Any, rank: int = 0) -> 
     from blipmon.core.units import requested_bytes_from_message
 
     message = f"{type(e).__name__}: {e}".strip()
-    is_oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+    requested = requested_bytes_from_message(str(e))
+    # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory:
+    # you tried to allocate N bytes"): the size in the message is what marks it as an OOM.
+    is_oom = (
+        isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in str(e).lower()
+        or requested is not None
+    )
     if is_oom:
         state: dict[str, Any] = {}
         if torch.cuda.is_available():
@@ -210,7 +217,7 @@ def _record_failure(e: BaseException, cursor: Any, emit: Any, rank: int = 0) -> 
             step=cursor.step,
             micro_step=cursor.micro_step,
             phase=cursor.phase,
-            requested_bytes=requested_bytes_from_message(str(e)),
+            requested_bytes=requested,
             message=message[:2000],
             rank=rank,
             **state,

@@ -105,7 +105,7 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
 
 
 def _check_model_source(cfg: dict[str, Any]) -> None:
-    from blipmon.runner.models import TINY_MODELS
+    from blipmon.core.presets import TINY_MODELS
 
     mid = cfg["model"]["id"]
     if mid in TINY_MODELS or mid.startswith("tiny/"):

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from blipmon.core.presets import TINY_MODELS
+
 TINY_VERSION = 2  # bump when a tiny architecture changes, so stale caches are rebuilt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,7 +93,6 @@ def tiny_config(name: str) -> Any:
     raise KeyError(name)
 
 
-TINY_MODELS = ("tiny/blip2-opt", "tiny/blip2-t5", "tiny/blip-vqa")
 
 
 def model_class(config: Any) -> Any:
