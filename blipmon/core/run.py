@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blipmon.core.profile import FORMAT_VERSION, EventReader, ProfileError, check_run_dir
+import numpy as np
+
+from blipmon.core.profile import FORMAT_VERSION, EventReader, ProfileError, SampleBatch, check_run_dir, sample_row
 
 PHASES = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
 CATEGORIES = ("params", "grads", "optim", "acts", "other")
@@ -21,25 +23,142 @@ STATUSES = ("running", "ok", "oom", "error", "stopped", "killed")
 _STOP_SIGNALS = {"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"}
 
 
-@dataclass
+_COLUMN_NAMES = ("t", "host_rss", "allocated", "reserved", "device_used")
+_OPTIONAL = ("allocated", "reserved", "device_used")
+
+
 class Samples:
-    """The timeline, column by column, so charts can slice it without building objects per point."""
+    """The timeline, column by column, so charts can slice it without building objects per point.
 
-    t: list[float] = field(default_factory=list)
-    host_rss: list[int] = field(default_factory=list)
-    allocated: list[int | None] = field(default_factory=list)
-    reserved: list[int | None] = field(default_factory=list)
-    device_used: list[int | None] = field(default_factory=list)
+    Stored as float64 numpy columns (exact for byte counts below 2**53) because a day-long run has
+    a million samples: as Python lists that is ~200 MB of objects and seconds to build. The list
+    attributes (``t``, ``host_rss``, ``allocated``, ``reserved``, ``device_used``) are still there
+    for callers that want them, built on first use; ``None`` stands for a figure not measured.
+    Only ever appended to, so an ``arrays()`` view taken earlier never changes under its reader.
+    """
 
+    def __init__(
+        self,
+        t: list[float] | None = None,
+        host_rss: list[int] | None = None,
+        allocated: list[int | None] | None = None,
+        reserved: list[int | None] | None = None,
+        device_used: list[int | None] | None = None,
+    ) -> None:
+        self._cap = 0
+        self._n = 0
+        self._cols: dict[str, np.ndarray] = {c: np.empty(0, np.float64) for c in _COLUMN_NAMES}
+        self._pending: list[tuple[float, ...]] = []
+        self._lists: dict[str, list[Any]] = {}
+        self._max: dict[str, float] = {}
+        self._max_n = 0
+        given = [t, host_rss, allocated, reserved, device_used]
+        if any(v is not None for v in given):
+            n = max(len(v) for v in given if v is not None)
+            cols = [np.full(n, np.nan) if v is None else np.array(v, np.float64) for v in given]
+            self._push(cols)
+
+    # -- writing ------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.t)
+        return self._n + len(self._pending)
 
     def append(self, ev: dict[str, Any]) -> None:
-        self.t.append(float(ev.get("t") or 0.0))
-        self.host_rss.append(_int(ev.get("rss")) or 0)
-        self.allocated.append(_int(ev.get("alloc")))
-        self.reserved.append(_int(ev.get("res")))
-        self.device_used.append(_int(ev.get("dev")))
+        self._pending.append(sample_row(ev)[:5])
+        if len(self._pending) >= 4096:
+            self._flush()
+
+    def extend_batch(self, batch: SampleBatch) -> None:
+        if len(batch):
+            self._flush()
+            self._push([batch.t, batch.rss, batch.alloc, batch.res, batch.dev])
+
+    def _flush(self) -> None:
+        if self._pending:
+            rows = np.array(self._pending, np.float64).reshape(len(self._pending), len(_COLUMN_NAMES))
+            self._pending = []
+            self._push([rows[:, i] for i in range(len(_COLUMN_NAMES))])
+
+    def _push(self, cols: list[np.ndarray]) -> None:
+        k = len(cols[0])
+        need = self._n + k
+        if need > self._cap:
+            cap = max(need, 2 * self._cap, 1024)
+            for name in _COLUMN_NAMES:
+                grown = np.empty(cap, np.float64)
+                grown[: self._n] = self._cols[name][: self._n]
+                self._cols[name] = grown
+            self._cap = cap
+        for name, col in zip(_COLUMN_NAMES, cols, strict=True):
+            self._cols[name][self._n : need] = col
+        self._n = need
+
+    # -- reading ------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Read-only float64 views of every column (NaN = not measured), safe to keep while we grow."""
+        self._flush()
+        out = {}
+        for name in _COLUMN_NAMES:
+            view = self._cols[name][: self._n]
+            view.flags.writeable = False
+            out[name] = view
+        return out
+
+    def maxima(self) -> dict[str, int | None]:
+        """The largest value of each column (None if never measured), kept up to date incrementally."""
+        self._flush()
+        if self._max_n < self._n:
+            for name in _COLUMN_NAMES[1:]:
+                tail = self._cols[name][self._max_n : self._n]
+                ok = tail[~np.isnan(tail)]
+                if len(ok):
+                    m = float(ok.max())
+                    self._max[name] = max(m, self._max.get(name, m))
+            self._max_n = self._n
+        return {name: int(self._max[name]) if name in self._max else None for name in _COLUMN_NAMES[1:]}
+
+    def _list(self, name: str) -> list[Any]:
+        self._flush()
+        cached = self._lists.setdefault(name, [])
+        if len(cached) < self._n:
+            tail = self._cols[name][len(cached) : self._n]
+            if name == "t":
+                cached.extend(tail.tolist())
+            elif name == "host_rss" or not np.isnan(tail).any():
+                cached.extend(tail.astype(np.int64).tolist())
+            else:
+                cached.extend(None if v != v else int(v) for v in tail.tolist())
+        return cached
+
+    @property
+    def t(self) -> list[float]:
+        return self._list("t")
+
+    @property
+    def host_rss(self) -> list[int]:
+        return self._list("host_rss")
+
+    @property
+    def allocated(self) -> list[int | None]:
+        return self._list("allocated")
+
+    @property
+    def reserved(self) -> list[int | None]:
+        return self._list("reserved")
+
+    @property
+    def device_used(self) -> list[int | None]:
+        return self._list("device_used")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Samples):
+            return NotImplemented
+        a, b = self.arrays(), other.arrays()
+        return all(np.array_equal(a[c], b[c], equal_nan=True) for c in _COLUMN_NAMES)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Samples(n={len(self)})"
 
 
 def _int(v: Any) -> int | None:
@@ -48,6 +167,71 @@ def _int(v: Any) -> int | None:
     if isinstance(v, (int, float)):
         return int(v)
     return None
+
+
+_SEVERITY = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
+_PHASE_INTS = ("step", "micro_step", "rank", "params", "grads", "optim", "acts", "other", "allocated", "peak",
+               "reserved", "host_rss")  # fmt: skip
+_ENV_TYPES: dict[str, Any] = {"device": str, "gpu_name": str, "gpu_total_bytes": int, "host_total_bytes": int,
+                              "torch": str, "transformers": str, "world_size": int, "gpu_reason": str}  # fmt: skip
+_PLAN_TYPES: dict[str, Any] = {"total_steps": int, "steps_per_epoch": int, "micro_per_step": int, "batch_size": int,
+                               "trainable_params": int, "total_params": int, "weights": str, "world_size": int}  # fmt: skip
+_OOM_TYPES: dict[str, Any] = {"step": int, "micro_step": int, "phase": str, "requested_bytes": int, "message": str,
+                              "allocated": int, "reserved": int, "peak": int, "rank": int}  # fmt: skip
+
+
+def _clean_fields(ev: dict[str, Any], types: dict[str, Any]) -> dict[str, Any]:
+    """Keep a record's known fields only where they have the type the summary promises; others become None.
+
+    A profile is data from a file: a wrong type must degrade to "not measured", never crash a reader.
+    """
+    out = dict(ev)
+    for key, typ in types.items():
+        if key not in out:
+            continue
+        v = out[key]
+        if typ is int:
+            out[key] = _int(v)
+        elif typ is float:
+            out[key] = _num(v)
+        elif not isinstance(v, typ):
+            out[key] = None
+    return out
+
+
+def _clean_phase(ev: dict[str, Any]) -> dict[str, Any] | None:
+    if ev.get("phase") not in PHASES:
+        return None
+    out = ev  # coerced in place: the record is ours, and callers may hold on to it
+    for key in _PHASE_INTS:
+        out[key] = _int(ev.get(key))
+    if out["step"] is None or out["micro_step"] is None:
+        return None
+    out["t"] = _num(ev.get("t"))
+    return out
+
+
+def _clean_step(ev: dict[str, Any]) -> dict[str, Any] | None:
+    step = _int(ev.get("step"))
+    if step is None:
+        return None
+    out = ev
+    out["step"] = step
+    for key in ("seconds", "loss", "samples_per_s"):
+        out[key] = _num(ev.get(key))
+    return out
+
+
+def _clean_load(ev: dict[str, Any]) -> dict[str, Any]:
+    out = _clean_fields(ev, {"params_bytes": int, "peak": int, "host_rss": int, "weights": str})
+    out["seconds"] = _num(ev.get("seconds"))
+    place = ev.get("placement")
+    out["placement"] = (
+        {str(k): v for k, v in place.items() if isinstance(v, int) and not isinstance(v, bool)}
+        if isinstance(place, dict)
+        else {}
+    )
+    return out
 
 
 def _num(v: Any) -> float | None:
@@ -88,10 +272,13 @@ class RunData:
         if kind == "sample":
             self.samples.append(ev)
         elif kind == "phase":
-            if ev.get("phase") in PHASES:
-                self.phases.append(ev)
+            clean = _clean_phase(ev)
+            if clean is not None:
+                self.phases.append(clean)
         elif kind == "step":
-            self.steps.append(ev)
+            clean = _clean_step(ev)
+            if clean is not None:
+                self.steps.append(clean)
         elif kind == "header":
             self.header = ev
         elif kind == "config":
@@ -99,23 +286,28 @@ class RunData:
             if isinstance(cfg, dict):
                 self.config = cfg
         elif kind == "environment":
-            self.environment = ev
+            self.environment = _clean_fields(ev, _ENV_TYPES)
         elif kind == "plan":
-            self.plan = ev
+            self.plan = _clean_fields(ev, _PLAN_TYPES)
         elif kind == "load":
-            self.load = ev
+            self.load = _clean_load(ev)
         elif kind == "generate":
             self.generate.append(ev)
         elif kind == "note":
             self.notes.append(str(ev.get("message", "")))
         elif kind == "oom":
-            self.oom = ev
+            self.oom = _clean_fields(ev, _OOM_TYPES)
         elif kind == "error":
             self.error = ev
         elif kind == "end":
-            self.end = ev
+            end = _clean_fields(ev, {"status": str, "code": int, "rank": int})
+            # With several ranks the worst ending is the run's (one rank's OOM ends them all).
+            if self.end is None or _SEVERITY.get(str(end.get("status")), 0) >= _SEVERITY.get(
+                str(self.end.get("status")), 0
+            ):
+                self.end = end
         elif kind == "exit":
-            self.exit = ev
+            self.exit = _clean_fields(ev, {"code": int, "signal": str})
         elif kind == "prediction":
             self.prediction = ev
         # Unknown kinds come from newer minor writers: ignored, never an error.
@@ -123,6 +315,19 @@ class RunData:
     def extend(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
             self.apply(ev)
+
+    def extend_samples(self, batch: SampleBatch) -> None:
+        """Add samples parsed in bulk (``EventReader.poll_batch``); the same as applying them one by one."""
+        self.samples.extend_batch(batch)
+        if batch.last_t is not None and batch.last_t > self.last_t:
+            self.last_t = batch.last_t
+
+    def follow(self, reader: EventReader, max_bytes: int | None = None) -> int:
+        """Read what ``reader`` has that is new and fold it in; returns how many records arrived."""
+        events, batch = reader.poll_batch(max_bytes=max_bytes)
+        self.extend(events)
+        self.extend_samples(batch)
+        return len(events) + len(batch)
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -135,17 +340,17 @@ class RunData:
 
     @property
     def status(self) -> str:
+        # The child's own end record is written last, after everything else: when it is there the
+        # job is over, whatever happened to the process afterwards (a SIGKILL during teardown).
+        if self.end is not None and self.end.get("status") in STATUSES:
+            return str(self.end["status"])
         if self.exit is not None:
             sig = self.exit.get("signal")
             if sig == "SIGKILL":
                 return "killed"
             if sig in _STOP_SIGNALS:
                 return "stopped"
-            if self.end is not None and self.end.get("status") in STATUSES:
-                return str(self.end["status"])
             return {0: "ok", 3: "oom", 4: "stopped"}.get(self.exit.get("code"), "error")  # type: ignore[arg-type]
-        if self.end is not None and self.end.get("status") in STATUSES:
-            return str(self.end["status"])
         if self._writer_gone():
             return "killed"
         return "running"
@@ -164,9 +369,10 @@ class RunData:
         return False
 
     def peaks(self) -> dict[str, int | None]:
-        alloc = [p.get("peak") or p.get("allocated") for p in self.phases] + list(self.samples.allocated)
-        res = [p.get("reserved") for p in self.phases] + list(self.samples.reserved)
-        rss = [p.get("host_rss") for p in self.phases] + list(self.samples.host_rss)
+        sm = self.samples.maxima()
+        alloc = [p.get("peak") or p.get("allocated") for p in self.phases] + [sm["allocated"]]
+        res = [p.get("reserved") for p in self.phases] + [sm["reserved"]]
+        rss = [p.get("host_rss") for p in self.phases] + [sm["host_rss"]]
         gen = self.generate
         alloc += [g.get("peak") for g in gen]
         rss += [g.get("host_rss") for g in gen]
@@ -176,7 +382,7 @@ class RunData:
         return {
             "allocated": _max(alloc),
             "reserved": _max(res),
-            "device_used": _max(self.samples.device_used),
+            "device_used": sm["device_used"],
             "host_rss": _max(rss) or 0,
         }
 
@@ -264,7 +470,7 @@ def load_run(run_dir: Path) -> RunData:
     run_dir = check_run_dir(Path(run_dir))
     reader = EventReader(run_dir)
     run = RunData(path=run_dir)
-    run.extend(reader.poll())
+    run.follow(reader)
     if not run.header:
         raise ProfileError(f"{run_dir}: the run has recorded nothing readable yet")
     run.warnings = list(reader.warnings)

@@ -37,7 +37,7 @@ def test_no_eval_exec_pickle_or_shell_anywhere_in_blipmon() -> None:
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
                 if any(n and n.split(".")[0] in ("pickle", "dill", "marshal", "shelve") for n in names):
                     offenders.append(f"{path}: imports {names}")
-        for name, call in _calls(tree):
+        for _name, call in _calls(tree):
             func = ast.unparse(call.func)
             if func in ("eval", "exec", "builtins.eval", "builtins.exec", "os.system", "os.popen"):
                 offenders.append(f"{path}:{call.lineno}: {func}()")
