@@ -93,8 +93,6 @@ def tiny_config(name: str) -> Any:
     raise KeyError(name)
 
 
-
-
 def model_class(config: Any) -> Any:
     """The transformers class that trains this architecture the way the seeds do."""
     from transformers import Blip2ForConditionalGeneration, BlipForQuestionAnswering
@@ -179,16 +177,18 @@ def architecture(source: str, weights: str, trust: bool) -> Any:
     """The architecture config: shipped with blipmon for known ids, else from the path or the HF cache."""
     from transformers import AutoConfig
 
+    arch = None
     if not Path(source).is_dir():
-        try:
-            from blipmon.architectures.catalog import architecture_config
-        except ImportError:  # pragma: no cover - the catalog ships with blipmon
-            architecture_config = None
-        if architecture_config is not None:
-            arch = architecture_config(source)
-            if arch is not None:
-                return arch
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        from blipmon.architectures.catalog import architecture_config
+
+        arch = architecture_config(source)
+    if arch is None:
+        arch = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    if getattr(arch, "model_type", "") == "blip-2" and getattr(arch, "image_token_index", None) is None:
+        # Older checkpoints (mBLIP) predate the image placeholder token: use the last vocabulary id,
+        # whose embedding the image features replace anyway.
+        arch.image_token_index = int(arch.text_config.vocab_size) - 1
+    return arch
 
 
 def random_snapshot(model_id: str, arch: Any) -> Path:
@@ -252,15 +252,28 @@ def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> Loade
         kwargs["device_map"] = {"": cuda_index} if cuda else {"": "cpu"}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
-    direct = weights == "random" and not Path(source).is_dir() and quant == "none" and not isinstance(dm, dict)
-    if weights == "random" and not Path(source).is_dir() and not direct:
+    shipped = weights == "random" and not Path(source).is_dir()
+    if shipped and isinstance(dm, dict):
+        # An explicit split exists only on from_pretrained's path: load a random snapshot through it.
         source = str(random_snapshot(source, arch))
+        shipped = False
     t0 = time.perf_counter()
-    if direct:
-        # Real-size random weights built straight on their device: no download, no disk.
-        device = f"cuda:{cuda_index}" if cuda and dm in ("cuda", "auto") else "cpu"
-        with torch.device(device):
-            model = cls._from_config(arch, dtype=dtype)
+    if shipped:
+        # Real-size random weights built straight on their device, with the storages (dtypes, tied
+        # heads, fp32-kept modules, bitsandbytes layers) from_pretrained would allocate.
+        from blipmon.architectures.build import build_random
+        from blipmon.architectures.catalog import raw_config
+
+        on_gpu = cuda and (quant != "none" or dm in ("cuda", "auto"))
+        model = build_random(
+            raw_config(source) or arch,  # the raw config also says which heads the checkpoint keeps untied
+            dtype=str(dtype).removeprefix("torch."),
+            quantization=quant,
+            compute_dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+            device=f"cuda:{cuda_index}" if on_gpu else "cpu",
+        )
+        if getattr(arch, "image_token_index", None) is not None:
+            model.config.image_token_index = arch.image_token_index
     else:
         model = cls.from_pretrained(source, **kwargs)
     if move_after:
