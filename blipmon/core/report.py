@@ -70,14 +70,43 @@ def compare_rows(runs: list[RunData]) -> list[Row]:
     for cat in ("params", "grads", "optim", "acts"):
         rows.append(Row(f"{cat} @ peak phase", [pp.get(cat) if pp else None for pp in peak_phases], "bytes", "lower"))
     rows += [
-        Row("peak phase", [f"step {pp['step']} {pp['phase']}" if pp else "" for pp in peak_phases], "text"),
+        Row("peak phase", [_where(pp) for pp in peak_phases], "text"),
         Row("step time (median)", [median_step_seconds(r) for r in runs], "seconds", "lower"),
         Row("samples/s (median)", [median_rate(r) for r in runs], "rate", "higher"),
         Row("steps", [len(r.steps) for r in runs], "count"),
         Row("load time", [r.load.get("seconds") if r.load else None for r in runs], "seconds", "lower"),
         Row("out of memory at", [oom_where(r) for r in runs], "text"),
     ]
+    if any(len(ranks_of(r)) > 1 for r in runs):
+        rows.insert(2, Row("ranks", [len(ranks_of(r)) for r in runs], "count"))
+        rows.insert(3, Row("peak phase total, max over ranks", [_max_rank_total(r) for r in runs], "bytes", "lower"))
     return rows
+
+
+def ranks_of(run: RunData) -> list[int]:
+    return sorted({int(p.get("rank") or 0) for p in run.phases}) or [0]
+
+
+def rank_peaks(run: RunData) -> dict[int, dict[str, Any]]:
+    """Each rank's highest phase record: DDP ranks can differ (rank 0 often holds more)."""
+    best: dict[int, dict[str, Any]] = {}
+    for p in run.phases:
+        r = int(p.get("rank") or 0)
+        if r not in best or phase_total(p) > phase_total(best[r]):
+            best[r] = p
+    return best
+
+
+def _max_rank_total(run: RunData) -> int | None:
+    peaks = rank_peaks(run)
+    return max((phase_total(p) for p in peaks.values()), default=None)
+
+
+def _where(pp: dict[str, Any] | None) -> str:
+    if not pp:
+        return ""
+    rank = f" rank {pp['rank']}" if pp.get("rank") else ""
+    return f"step {pp['step']} {pp['phase']}{rank}"
 
 
 def _fmt(v: Any, kind: str) -> str:
@@ -187,6 +216,7 @@ def render_show(run: RunData) -> str:
             f"load     {fmt_seconds(run.load.get('seconds'))}, parameters {fmt_bytes(run.load.get('params_bytes'))} ({place})"
         )
     lines.extend(_phase_table(run))
+    lines.extend(_rank_table(run))
     if run.steps:
         last = run.steps[-1]
         loss = last.get("loss")
@@ -254,6 +284,19 @@ def _phase_table(run: RunData) -> list[str]:
     rows = [r + [""] * (width - len(r)) for r in rows]
     out = [f"phases   ({unit}; the first two steps and the peak step; peak = allocator peak since the previous phase)"]
     out += ["  " + line for line in _aligned(rows).splitlines()]
+    return out
+
+
+def _rank_table(run: RunData) -> list[str]:
+    peaks = rank_peaks(run)
+    if len(peaks) < 2:
+        return []
+    out = [f"ranks    {len(peaks)}; each rank's peak phase (the run's peak is the maximum across ranks):"]
+    top = max((p for _, p in sorted(peaks.items())), key=phase_total)
+    for rank, p in sorted(peaks.items()):
+        cats = ", ".join(f"{c} {fmt_bytes(p.get(c))}" for c in ("params", "grads", "optim", "acts"))
+        mark = "  <- max" if p is top else ""
+        out.append(f"  rank {rank}: {fmt_bytes(phase_total(p))} at step {p['step']} {p['phase']} ({cats}){mark}")
     return out
 
 

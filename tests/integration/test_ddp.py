@@ -41,3 +41,13 @@ def test_the_run_reads_as_one_run(ddp_run: RunData) -> None:
     summary = ddp_run.summary()
     assert summary["environment"]["world_size"] == 2
     assert {p["rank"] for p in summary["phases"]} == {0, 1}
+
+
+@pytest.mark.slow
+def test_show_and_compare_report_each_rank_and_the_maximum(ddp_run: RunData) -> None:
+    from blipmon.core.report import render_compare, render_show
+
+    text = render_show(ddp_run)
+    assert "ranks    2" in text and "rank 0:" in text and "rank 1:" in text and "<- max" in text
+    table = render_compare([ddp_run, ddp_run], "csv")
+    assert "ranks,2,2" in table and "peak phase total, max over ranks" in table
