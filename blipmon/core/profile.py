@@ -225,7 +225,9 @@ class EventReader:
         stray: list[tuple[int, tuple[float, ...]]] = []  # samples in an unusual shape, by line index
         todo = [(i, chunk[starts[i] : nl[i]]) for i in np.flatnonzero(~is_sample).tolist()]
         todo = [(i, raw) for i, raw in todo if raw.strip()]
-        for i, rec in zip([i for i, _ in todo], self._decode_many([raw for _, raw in todo], first_line, todo), strict=True):
+        for i, rec in zip(
+            [i for i, _ in todo], self._decode_many([raw for _, raw in todo], first_line, todo), strict=True
+        ):
             if rec is not None:
                 if not self._checked_header:
                     self._check_header(rec)
@@ -460,7 +462,7 @@ def parse_sample_lines(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> t
         else:
             spans = [(vstart[sel], line_end)]
         for name, (s, e) in zip(["t", *keys], spans, strict=True):
-            vals, bad = parse_numbers(a, s, e)
+            vals, bad = parse_numbers(a, s, e, decimals=name == "t")
             ok &= ~bad
             if name in cols:
                 cols[name][sel] = vals
@@ -492,12 +494,15 @@ def _weights(width: int) -> tuple[np.ndarray, np.ndarray]:
     return _WEIGHTS[width]
 
 
-def parse_numbers(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def parse_numbers(
+    a: np.ndarray, s: np.ndarray, e: np.ndarray, *, decimals: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Plain decimals ``a[s:e]`` (digits and at most one dot, or ``null``) as float64; ``bad`` marks the rest.
 
     Exact: up to 15 significant digits both the mantissa and the power of ten are exact in float64,
     so one division rounds correctly, giving the value ``float()`` would. Longer tokens, signs and
-    exponents are left to json (``bad``).
+    exponents are left to json (``bad``). ``decimals=False`` (byte counts) also leaves any dot to
+    json, and lets whole numbers go through one matrix-vector product.
     """
     n = len(s)
     vals = np.full(n, np.nan)
@@ -512,12 +517,18 @@ def parse_numbers(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarr
     for width in np.flatnonzero(counts).tolist():
         sel = np.flatnonzero(todo & (length == width))
         g = a[s[sel][:, None] + np.arange(width)]
+        w, div = _weights(width)
+        if not decimals:
+            d = g - np.uint8(48)  # wraps below '0', so one comparison finds every non-digit
+            row_bad = (d > 9).any(1) | (width > 15)
+            vals[sel] = d.astype(np.float64) @ w[width]
+            bad[sel[row_bad]] = True
+            continue
         isdot = g == 46
         ndots = isdot.sum(1)
         nondigit = ((g < 48) | (g > 57)) & ~isdot
         dot = np.where(ndots == 1, isdot.argmax(1), width)
         row_bad = nondigit.any(1) | (ndots > 1) | (dot == 0) | (dot == width - 1) | (width - ndots > 15)
-        w, div = _weights(width)
         digits = np.where(nondigit | isdot, 0, g - 48).astype(np.float64)
         vals[sel] = (digits * w[dot]).sum(1) / div[dot]
         bad[sel[row_bad]] = True

@@ -1,0 +1,693 @@
+"""Where the dashboard's data comes from: one interface whether a run is live, attached or replayed.
+
+A ``RunSource`` is polled; each ``poll()`` returns a ``Snapshot``, an immutable picture of the run
+as it should be shown at that moment. Widgets only ever read snapshots, so they cannot tell (and
+need not care) whether the file is still growing, was written by another process, or is being
+played back at 8x. Tests inject a source built from a recorded profile and a frozen clock.
+
+- ``FileFollowSource`` follows a run directory as its child writes it (``live`` and ``attach``).
+- ``ReplaySource`` plays a saved run back on a virtual clock: pause, speed, seek. A big profile is
+  read in chunks on a loader thread, so the view opens at once and fills in behind the playhead.
+
+No Textual here (an import-linter contract says so): the same sources drive benchmarks and tests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blipmon.core.profile import EVENTS, LOG, EventReader, ProfileError
+from blipmon.core.run import PHASES, RunData, phase_total
+from blipmon.core.schedule import schedule
+from blipmon.core.timeline import ACTIVITIES, PHASE_ACTIVITY
+
+Clock = Callable[[], float]
+LOG_LINES = 400
+
+
+class Prefix(Sequence[Any]):
+    """The first ``n`` items of an append-only list, without copying it: a snapshot stays O(1) to make."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list[Any], n: int) -> None:
+        self._items = items
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            return self._items[start:stop:step]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._items[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        items = self._items
+        for i in range(self._n):
+            yield items[i]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Sequence)
+            and len(other) == self._n
+            and all(a == b for a, b in zip(self, other, strict=True))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_KIND = {name: i for i, name in enumerate(ACTIVITIES)}
+
+
+class PhaseIndex:
+    """Running figures over a run's phase records, kept as they arrive so every prefix is cheap.
+
+    The dashboard asks the same questions of every snapshot (the peak so far, each phase's highest
+    total, where the phase boundaries are); over a long run that is tens of thousands of records,
+    so the numbers are pulled out once, as they arrive, and the maxima are kept as numpy running
+    maxima (recomputed in C only when records were added).
+    """
+
+    _PHASE_NO = {ph: i for i, ph in enumerate(PHASES)}
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+        self.kind: list[int] = []
+        self.step_start: list[bool] = []
+        self.vals: list[tuple[float, float, float, float, int]] = []  # alloc peak, reserved, rss, total, phase no
+        self._cache: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.vals)
+
+    def extend(self, phases: list[dict[str, Any]]) -> None:
+        kinds, nums = _KIND, self._PHASE_NO
+        for p in phases[len(self.vals) :]:
+            ph = p.get("phase", "")
+            self.t.append(float(p.get("t") or 0.0))
+            self.kind.append(kinds[PHASE_ACTIVITY.get(ph, "data")])
+            self.step_start.append(ph == "before_fwd" and not p.get("micro_step") and not p.get("rank"))
+            self.vals.append(
+                (_num_or(p.get("peak") or p.get("allocated")), _num_or(p.get("reserved")), _num_or(p.get("host_rss")),
+                 float(phase_total(p)), nums.get(ph, -1))
+            )  # fmt: skip
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        m = min(len(self.t), len(self.kind), len(self.step_start), len(self.vals))  # a loader may be mid-append
+        if self._cache is None or self._cache[0] != m:
+            v = np.array(self.vals[:m], np.float64).reshape(m, 5)
+            out = {
+                "t": np.array(self.t[:m]),
+                "kind": np.array(self.kind[:m], np.int8),
+                "start": np.array(self.step_start[:m], bool),
+                "alloc": np.maximum.accumulate(v[:, 0]) if m else v[:, 0],
+                "res": np.maximum.accumulate(v[:, 1]) if m else v[:, 1],
+                "rss": np.maximum.accumulate(v[:, 2]) if m else v[:, 2],
+            }
+            for i, ph in enumerate(PHASES):
+                col = np.where(v[:, 4] == i, v[:, 3], -1.0)
+                out[ph] = np.maximum.accumulate(col) if m else col
+            self._cache = (m, out)
+        return self._cache[1]
+
+    def peak(self, key: str, n: int) -> float | None:
+        arr = self._arrays()[key]
+        n = min(n, len(arr))
+        if n <= 0 or arr[n - 1] < 0:
+            return None
+        return float(arr[n - 1])
+
+    def phase_peaks(self, n: int) -> dict[str, int]:
+        a = self._arrays()
+        n = min(n, len(a["t"]))
+        if n <= 0:
+            return {}
+        return {ph: int(a[ph][n - 1]) for ph in PHASES if a[ph][n - 1] >= 0}
+
+    def arrays(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(time, activity index, starts a step) of the first ``n`` boundaries, as numpy arrays."""
+        a = self._arrays()
+        return a["t"][:n], a["kind"][:n], a["start"][:n]
+
+
+def _num_or(v: Any, default: float = -1.0) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+@dataclass(frozen=True)
+class ReplayState:
+    """Where a replay stands: the playhead in run seconds, the speed, and how much is read yet."""
+
+    position: float
+    duration: float
+    speed: float
+    paused: bool
+    loaded: float  # fraction of the profile read so far (1.0 once complete)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a run looks like at one moment; never changes after it is made.
+
+    ``samples`` are read-only numpy views (NaN = not measured on this device); ``phases`` and
+    ``steps`` are the records up to this moment. ``version`` changes whenever anything in it does,
+    so a widget can skip work when nothing moved.
+    """
+
+    version: int
+    mode: str  # "live" | "attach" | "replay"
+    name: str
+    path: Path | None
+    status: str
+    finished: bool
+    now: float  # run seconds shown as elapsed
+    header: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] | None = None
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    phases: Sequence[dict[str, Any]] = ()
+    steps: Sequence[dict[str, Any]] = ()
+    oom: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    exit: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
+    log: tuple[str, ...] = ()
+    replay: ReplayState | None = None
+    problem: str | None = None  # why the run cannot be read any more, in the user's words
+    data_version: int = 0  # changes only when samples, phases or steps do
+    index: PhaseIndex | None = field(default=None, repr=False, compare=False)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- derived figures the views share ----------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return len(self.samples.get("t", ()))
+
+    @property
+    def cuda(self) -> bool:
+        return self.environment.get("device") == "cuda"
+
+    @property
+    def gpu_total(self) -> int | None:
+        v = self.environment.get("gpu_total_bytes")
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def peaks(self) -> dict[str, int | None]:
+        """Peaks so far, by the same rules as ``RunData.peaks`` (allocator peaks at phases included)."""
+        if "peaks" in self._memo:
+            return self._memo["peaks"]
+        index = self.index
+        if index is None:
+            index = PhaseIndex()
+            index.extend(list(self.phases))
+        n = len(self.phases)
+        out: dict[str, int | None] = {}
+        for key, col in (("allocated", "alloc"), ("reserved", "res"), ("device_used", "dev"), ("host_rss", "rss")):
+            vals: list[float] = []
+            arr = self.samples.get(col)
+            if arr is not None and len(arr):
+                m = np.nanmax(arr) if not np.isnan(arr).all() else np.nan
+                if not np.isnan(m):
+                    vals.append(float(m))
+            if col in ("alloc", "res", "rss"):
+                v = index.peak(col, n)
+                if v is not None:
+                    vals.append(v)
+            if key == "allocated" and self.load and isinstance(self.load.get("peak"), (int, float)):
+                vals.append(float(self.load["peak"]))
+            out[key] = int(max(vals)) if vals else None
+        self._memo["peaks"] = out
+        return out
+
+    def latest_step(self) -> list[dict[str, Any]]:
+        """The phase records of the newest step that has all four (rank 0; last micro-step of each).
+
+        A step still in progress would show half its bars; its predecessor is the steadier picture.
+        Until one step is complete, the partial one is all there is.
+        """
+        if not self.phases:
+            return []
+        rank = self.phases[-1].get("rank") or 0
+        by_step: dict[Any, dict[str, dict[str, Any]]] = {}
+        for p in self.phases[-96:]:
+            if (p.get("rank") or 0) == rank:
+                by_step.setdefault(p.get("step"), {})[p.get("phase", "")] = p
+        steps = list(by_step)
+        chosen = next((by_step[s] for s in reversed(steps) if all(ph in by_step[s] for ph in PHASES)), None)
+        if chosen is None:
+            chosen = by_step[steps[-1]]
+        return [chosen[ph] for ph in PHASES if ph in chosen]
+
+    def step_peaks(self) -> dict[str, int]:
+        """Highest total of each phase over all steps so far (what "each phase's peak" means)."""
+        if self.index is not None:
+            return self.index.phase_peaks(len(self.phases))
+        out: dict[str, int] = {}
+        for p in self.phases:
+            ph, v = p.get("phase", ""), phase_total(p)
+            if v > out.get(ph, -1):
+                out[ph] = v
+        return out
+
+    def boundaries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(time, activity index, starts a step) of every phase boundary so far, as arrays."""
+        index = self.index
+        if index is None:
+            index = PhaseIndex()
+            index.extend(list(self.phases))
+        return index.arrays(len(self.phases))
+
+    def total_steps(self) -> int | None:
+        total = self.plan.get("total_steps")
+        if isinstance(total, int) and total > 0:
+            return total
+        try:
+            if self.config.get("job", {}).get("kind") == "train":
+                return schedule(self.config).total_steps
+        except (KeyError, TypeError, ZeroDivisionError, ValueError):
+            return None
+        return None
+
+    def progress(self) -> tuple[int, int | None, float | None]:
+        """Steps done, steps planned, and the estimated seconds left (None until it can be told)."""
+        done = len(self.steps)
+        total = self.total_steps()
+        if total is None or done == 0 or self.finished:
+            return done, total, None
+        secs = [s["seconds"] for s in self.steps[-21:] if isinstance(s.get("seconds"), (int, float))]
+        if len(secs) > 2:
+            secs = secs[1:]  # the first step pays for warm-up
+        recent = secs[-20:]
+        per = sorted(recent)[len(recent) // 2] if recent else None
+        eta = None if per is None else max(total - done, 0) * per
+        return done, total, eta
+
+
+class RunSource(ABC):
+    """Anything the dashboard can show: ``poll()`` gives the current snapshot."""
+
+    mode: str = "attach"
+    run_dir: Path
+
+    @abstractmethod
+    def poll(self) -> Snapshot: ...
+
+    def close(self) -> None:  # noqa: B027 - optional for sources holding nothing
+        """Release threads or files; the default holds none."""
+
+
+# -- the child's log -----------------------------------------------------------------------------
+
+
+class LogTail:
+    """The last lines of a growing text file, read incrementally; carriage returns end lines too,
+    so a progress bar redrawn with ``\\r`` shows as its latest state rather than one huge line."""
+
+    def __init__(self, path: Path, keep: int = LOG_LINES) -> None:
+        self.path = path
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._offset = 0
+        self._partial = ""
+        self.version = 0
+
+    def poll(self) -> bool:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read(1 << 20)
+        except OSError:
+            return False
+        if not data:
+            return False
+        self._offset += len(data)
+        text = self._partial + data.decode("utf-8", errors="replace")
+        parts = text.replace("\r\n", "\n").split("\n")
+        self._partial = parts.pop()
+        for part in parts:
+            segs = [s for s in part.split("\r") if s.strip()]
+            self.lines.append(segs[-1] if segs else "")
+        self.version += 1
+        return True
+
+    def snapshot(self) -> tuple[str, ...]:
+        tail = (self._partial.split("\r")[-1],) if self._partial.strip() else ()
+        return tuple(self.lines) + tail
+
+
+# -- following a file ----------------------------------------------------------------------------
+
+
+class FileFollowSource(RunSource):
+    """A run directory as it is being written, by our own child (``live``) or anyone's (``attach``)."""
+
+    def __init__(self, run_dir: Path, *, mode: str = "attach", clock: Clock = time.time) -> None:
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.clock = clock
+        self.run = RunData(path=self.run_dir)
+        self.reader = EventReader(self.run_dir)
+        self.log = LogTail(self.run_dir / LOG)
+        self.index = PhaseIndex()
+        self._version = 0
+        self._data_version = 0
+        self._counts: tuple[int, ...] = ()
+        self._status = ""
+        self._problem: str | None = None
+        self._last_second = -1
+        self._last: Snapshot | None = None
+
+    def poll(self) -> Snapshot:
+        if self._problem is None:
+            try:
+                self.run.follow(self.reader)
+            except ProfileError as e:
+                self._problem = str(e)
+        log_changed = self.log.poll()
+        run = self.run
+        counts = (len(run.samples), len(run.phases), len(run.steps), len(run.notes))
+        status = run.status if run.header else "starting"
+        now = self._elapsed()
+        changed = counts != self._counts or status != self._status or log_changed or int(now) != self._last_second
+        changed = changed or (self._last is not None and self._last.problem != self._problem)
+        if counts[:3] != self._counts[:3]:
+            self._data_version += 1
+        if changed or self._last is None:
+            self._version += 1
+            self._counts, self._status, self._last_second = counts, status, int(now)
+            self.index.extend(run.phases)
+            self._last = _snapshot_of(
+                run,
+                self._version,
+                self._data_version,
+                self.mode,
+                status,
+                now,
+                self.log.snapshot(),
+                self._problem,
+                index=self.index,
+            )
+        return self._last
+
+    def _elapsed(self) -> float:
+        run = self.run
+        if run.finished and run.header:
+            return run.last_t
+        started = run.header.get("started")
+        if isinstance(started, (int, float)):
+            return max(self.clock() - float(started) + float(run.header.get("t") or 0.0), run.last_t)
+        return run.last_t
+
+
+def _snapshot_of(
+    run: RunData,
+    version: int,
+    data_version: int,
+    mode: str,
+    status: str,
+    now: float,
+    log: tuple[str, ...],
+    problem: str | None,
+    *,
+    n: tuple[int, int, int] | None = None,
+    replay: ReplayState | None = None,
+    upto: float | None = None,
+    index: PhaseIndex | None = None,
+) -> Snapshot:
+    arrays = run.samples.arrays()
+    ns, nph, nst = n if n is not None else (len(arrays["t"]), len(run.phases), len(run.steps))
+    samples = {
+        "t": arrays["t"][:ns],
+        "rss": arrays["host_rss"][:ns],
+        "alloc": arrays["allocated"][:ns],
+        "res": arrays["reserved"][:ns],
+        "dev": arrays["device_used"][:ns],
+    }
+
+    def seen(ev: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ev is None or upto is None:
+            return ev
+        t = ev.get("t")
+        return ev if not isinstance(t, (int, float)) or t <= upto else None
+
+    return Snapshot(
+        version=version,
+        data_version=data_version,
+        mode=mode,
+        name=run.name,
+        path=run.path,
+        status=status,
+        finished=status not in ("running", "starting"),
+        now=now,
+        header=run.header,
+        config=run.config,
+        environment=run.environment,
+        plan=run.plan,
+        load=seen(run.load),
+        samples=samples,
+        phases=Prefix(run.phases, nph),
+        steps=Prefix(run.steps, nst),
+        oom=seen(run.oom),
+        error=seen(run.error),
+        exit=run.exit if upto is None else None,
+        notes=tuple(run.notes),
+        log=log,
+        replay=replay,
+        problem=problem,
+        index=index,
+    )
+
+
+# -- replay ---------------------------------------------------------------------------------------
+
+SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
+class ReplaySource(RunSource):
+    """A saved run played back on a virtual clock.
+
+    The profile is read in chunks on a loader thread (``background=True``); the playhead cannot run
+    ahead of what is read, and the duration is known from the file's tail at once, so the view is
+    up within moments even for a million samples.
+    """
+
+    mode = "replay"
+
+    def __init__(
+        self,
+        run_dir: Path,
+        speed: float = 1.0,
+        *,
+        clock: Clock = time.monotonic,
+        background: bool = True,
+        chunk_bytes: int = 2 << 20,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.clock = clock
+        self.speed = float(speed)
+        self.paused = False
+        self.run = RunData(path=self.run_dir)
+        self.reader = EventReader(self.run_dir)
+        self._lock = threading.Lock()
+        self._size = max((self.run_dir / EVENTS).stat().st_size, 1)
+        self._chunk = chunk_bytes
+        self._done = False
+        self._problem: str | None = None
+        self.duration = _tail_last_t(self.run_dir / EVENTS)
+        self._phase_t: list[float] = []
+        self._step_t: list[float] = []
+        self.index = PhaseIndex()
+        self.log = LogTail(self.run_dir / LOG, keep=LOG_LINES)
+        self.log.poll()
+        self._read_some(first=True)  # the header and the start, so the first snapshot has a name and a device
+        if not self.run.header and self._problem is None:
+            self._problem = f"{self.run_dir}: the run has recorded nothing readable yet"
+        self.position = self._start_time()
+        self._last_clock = clock()
+        self._version = 0
+        self._key: tuple[Any, ...] = ()
+        self._last: Snapshot | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        if not self._done:
+            if background:
+                self._thread = threading.Thread(target=self._load_rest, name="blipmon-replay-loader", daemon=True)
+                self._thread.start()
+            else:
+                self._load_rest()
+
+    # -- loading ------------------------------------------------------------------------------------
+    def _read_some(self, first: bool = False) -> None:
+        with self._lock:
+            before = self.reader._offset
+            try:
+                self.run.follow(self.reader, max_bytes=min(self._chunk, 256 << 10) if first else self._chunk)
+            except ProfileError as e:
+                self._problem, self._done = str(e), True
+                return
+            self._phase_t.extend(float(p.get("t") or 0.0) for p in self.run.phases[len(self._phase_t) :])
+            self.index.extend(self.run.phases)
+            self._step_t.extend(float(s.get("t") or 0.0) for s in self.run.steps[len(self._step_t) :])
+            # Done when nothing more could be read: the end, or a truncated last line.
+            self._done = self.reader._offset == before
+            if self._done:
+                self.duration = max(self.duration, self.run.last_t)
+                self.run.warnings = list(self.reader.warnings)
+
+    def _load_rest(self) -> None:
+        while not self._done and not self._stop.is_set():
+            self._read_some()
+            time.sleep(0.002)  # hand the GIL to the UI between chunks: the view stays responsive
+
+    @property
+    def loaded(self) -> float:
+        return 1.0 if self._done else min(self.reader._offset / self._size, 0.999)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the whole profile is read (benchmarks and tests)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._done
+
+    def _start_time(self) -> float:
+        arr = self.run.samples.arrays()["t"]
+        firsts = [float(arr[0])] if len(arr) else []
+        if self._phase_t:
+            firsts.append(self._phase_t[0])
+        return max(min(firsts) - 0.05, 0.0) if firsts else 0.0
+
+    # -- controls -----------------------------------------------------------------------------------
+    def _advance(self) -> None:
+        now = self.clock()
+        if not self.paused:
+            self.position += (now - self._last_clock) * self.speed
+        self._last_clock = now
+        limit = self.duration if self._done else min(self.duration, self.run.last_t)
+        if self.position >= limit:
+            self.position = limit
+            if self._done:
+                self.paused = True
+
+    def toggle_pause(self) -> None:
+        self._advance()
+        if self.paused and self.position >= self.duration and self._done:
+            self.position = self._start_time()  # play again from the start
+        self.paused = not self.paused
+
+    def faster(self) -> None:
+        self._advance()
+        self.speed = next((s for s in SPEEDS if s > self.speed + 1e-9), SPEEDS[-1])
+
+    def slower(self) -> None:
+        self._advance()
+        self.speed = next((s for s in reversed(SPEEDS) if s < self.speed - 1e-9), SPEEDS[0])
+
+    def seek(self, delta: float) -> None:
+        self._advance()
+        self.seek_to(self.position + delta)
+
+    def seek_to(self, position: float) -> None:
+        self._advance()
+        self.position = min(max(position, 0.0), self.duration)
+
+    def seek_fraction(self, fraction: float) -> None:
+        self.seek_to(self.duration * min(max(fraction, 0.0), 1.0))
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def poll(self) -> Snapshot:
+        self._advance()
+        pos = self.position
+        with self._lock:
+            run = self.run
+            t = run.samples.arrays()["t"]
+            ns = int(np.searchsorted(t, pos, side="right"))
+            nph = bisect.bisect_right(self._phase_t, pos)
+            nst = bisect.bisect_right(self._step_t, pos)
+            at_end = self._done and pos >= self.duration - 1e-9
+            status = run.status if at_end else "running"
+            state = ReplayState(pos, self.duration, self.speed, self.paused, self.loaded)
+            key = (ns, nph, nst, status, round(pos, 1), self.speed, self.paused, round(self.loaded, 2), self._problem)
+            if key != self._key or self._last is None:
+                data_changed = key[:3] != self._key[:3]
+                self._version += 1
+                self._key = key
+                snap = _snapshot_of(
+                    run,
+                    self._version,
+                    self._version if data_changed or self._last is None else self._last.data_version,
+                    "replay",
+                    status,
+                    pos,
+                    self.log.snapshot(),
+                    self._problem,
+                    n=(ns, nph, nst),
+                    replay=state,
+                    upto=None if at_end else pos,
+                    index=self.index,
+                )
+                if at_end:
+                    snap = replace(snap, finished=True)
+                self._last = snap
+            return self._last
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _tail_last_t(path: Path, size: int = 1 << 16) -> float:
+    """The latest ``t`` among the last records of a profile: its duration, without reading it all."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            end = fh.tell()
+            fh.seek(max(end - size, 0))
+            data = fh.read()
+    except OSError:
+        return 0.0
+    best = 0.0
+    for raw in data.split(b"\n")[1:] if len(data) == size else data.split(b"\n"):
+        try:
+            rec = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        t = rec.get("t") if isinstance(rec, dict) else None
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and t > best:
+            best = float(t)
+    return best
+
+
+def open_source(run_dir: Path, mode: str, **kw: Any) -> RunSource:
+    """The right source for a mode: ``replay`` plays back, ``live`` and ``attach`` follow the file."""
+    if mode == "replay":
+        return ReplaySource(run_dir, **kw)
+    return FileFollowSource(run_dir, mode=mode, **kw)
+
+
+__all__ = [
+    "FileFollowSource",
+    "LogTail",
+    "ReplaySource",
+    "ReplayState",
+    "RunSource",
+    "SPEEDS",
+    "Snapshot",
+    "open_source",
+]

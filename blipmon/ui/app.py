@@ -1,0 +1,134 @@
+"""The Textual application and the entry points the CLI calls.
+
+One ``BlipmonApp`` serves every command: it starts on the launcher (``blipmon``), on a run view
+(``run --live``, ``attach``, ``replay``) or on the compare view (``compare --tui``). Started on a
+run or compare view, leaving that view ends the program; started on the launcher, it goes back.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from textual.app import App
+from textual.binding import Binding
+from textual.screen import Screen
+
+from blipmon.core.profile import ProfileError
+from blipmon.core.source import FileFollowSource, ReplaySource, RunSource
+from blipmon.ui.control import LaunchError, LiveRun
+from blipmon.ui.export import export_path
+from blipmon.ui.live import RunResult, RunScreen
+
+
+class BlipmonApp(App[Any]):
+    """The dashboard. ``first`` builds the screen it opens on; ``standalone`` = leaving it quits."""
+
+    CSS_PATH = Path(__file__).parent / "blipmon.tcss"  # absolute: subclasses may live elsewhere
+    TITLE = "blipmon"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("ctrl+s", "export_svg", "save SVG", show=False, priority=True),
+        Binding("ctrl+q", "quit_safely", "quit", show=False, priority=True),
+        Binding("ctrl+c", "quit_safely", "quit", show=False, priority=True),
+    ]
+
+    def __init__(self, first: Screen[Any] | None = None, *, export_dir: Path | None = None) -> None:
+        super().__init__()
+        self.first = first
+        self.export_dir = export_dir
+
+    def on_mount(self) -> None:
+        self.theme = "textual-dark"
+        if self.first is None:
+            from blipmon.ui.launcher import LauncherScreen
+
+            self.push_screen(LauncherScreen())
+        else:
+            self.push_screen(self.first, self.exit)
+
+    def action_export_svg(self) -> None:
+        view = getattr(self.screen, "export_name", None) or type(self.screen).__name__.removesuffix("Screen").lower()
+        path = export_path(view, "svg", self.export_dir)
+        saved = self.save_screenshot(filename=path.name, path=str(path.parent))
+        self.notify(f"saved {saved}", title="SVG", timeout=6)
+
+    def action_quit_safely(self) -> None:
+        """Ctrl+Q / Ctrl+C never stop a run behind the user's back: a live view asks first."""
+        screen = self.screen
+        if isinstance(screen, RunScreen):
+            screen.action_leave()
+        else:
+            self.exit(None)
+
+
+def run_launcher() -> int:
+    """``blipmon`` with no command: the launcher."""
+    from blipmon.ui.launcher import LauncherScreen
+
+    BlipmonApp(LauncherScreen()).run()
+    return 0
+
+
+def run_live(cfg: dict[str, Any], out: Path | None) -> int:
+    """``blipmon run CONFIG --live``: launch, watch, return ``blipmon run``'s exit code.
+
+    The run is started by a supervisor process that outlives the dashboard and appends the exit
+    record, so leaving with the run still going loses nothing; it can be watched again with
+    ``blipmon attach``. Leaving it running returns 0.
+    """
+    try:
+        live = LiveRun(cfg, out)
+    except LaunchError as e:
+        print(f"blipmon: {e}", file=sys.stderr)
+        return 1
+    print(f"blipmon: recording {cfg.get('name', 'run')} into {live.run_dir}", file=sys.stderr)
+    source = FileFollowSource(live.run_dir, mode="live")
+    result = BlipmonApp(RunScreen(source, live)).run()
+    if not isinstance(result, RunResult) or result.left_running or result.code is None:
+        code = live.poll()
+        if code is None:
+            print(
+                f"blipmon: {cfg.get('name', 'run')} is still running (supervisor pid {live.pid}); "
+                f"watch it with `blipmon attach {live.run_dir}`",
+                file=sys.stderr,
+            )
+            print(live.run_dir)
+            return 0
+    else:
+        code = result.code
+    print(f"blipmon: {cfg.get('name', 'run')}: see `blipmon show {live.run_dir}`", file=sys.stderr)
+    print(live.run_dir)
+    return int(code)
+
+
+def _run_view(source: RunSource) -> int:
+    BlipmonApp(RunScreen(source)).run()
+    return 0
+
+
+def run_attach(run_dir: Path) -> int:
+    """``blipmon attach RUN``: follow a run written by another process; leaving never stops it."""
+    return _run_view(FileFollowSource(Path(run_dir), mode="attach"))
+
+
+def run_replay(run_dir: Path, speed: float) -> int:
+    """``blipmon replay RUN --speed X``: the run view driven by a saved run."""
+    source = ReplaySource(Path(run_dir), speed=speed)
+    problem = getattr(source, "_problem", None)
+    if problem:
+        source.close()
+        raise ProfileError(problem)
+    return _run_view(source)
+
+
+def run_compare(run_dirs: list[Path]) -> int:
+    """``blipmon compare RUN... --tui``: 2 to 6 runs side by side."""
+    from blipmon.ui.compare import CompareScreen
+
+    BlipmonApp(CompareScreen([Path(p) for p in run_dirs], standalone=True)).run()
+    return 0
+
+
+__all__ = ["BlipmonApp", "run_attach", "run_compare", "run_launcher", "run_live", "run_replay"]

@@ -1,0 +1,96 @@
+"""Small modal screens: a yes/no question, a choice between a few keyed answers, and the key list."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+
+class ChoiceScreen(ModalScreen[str | None]):
+    """A question answered with one key; Escape cancels (None)."""
+
+    def __init__(self, question: str, choices: Sequence[tuple[str, str, str]]) -> None:
+        """``choices`` are (key, label, value) triples, e.g. ("s", "stop the run", "stop")."""
+        super().__init__()
+        self.question = question
+        self.choices = list(choices)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(self.question, classes="dialog-question")
+            for key, label, _ in self.choices:
+                yield Static(f"[b]{key}[/b]  {label}", classes="dialog-choice")
+            yield Static("[b]esc[/b]  cancel", classes="dialog-choice")
+
+    def on_key(self, event: object) -> None:
+        key = getattr(event, "key", "")
+        for k, _, value in self.choices:
+            if key == k:
+                getattr(event, "stop", lambda: None)()
+                self.dismiss(value)
+                return
+        if key == "escape":
+            getattr(event, "stop", lambda: None)()
+            self.dismiss(None)
+
+
+class ConfirmScreen(ChoiceScreen):
+    """Yes or no; anything but ``y`` is no."""
+
+    def __init__(self, question: str) -> None:
+        super().__init__(question, [("y", "yes", "yes"), ("n", "no", "no")])
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every key of the screen underneath, with what it does."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "close", "close")]
+
+    def __init__(self, title: str, keys: Sequence[tuple[str, str]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.keys = list(keys)
+
+    def compose(self) -> ComposeResult:
+        width = max((len(k) for k, _ in self.keys), default=4)
+        lines = [f"[b]{self.title_text}[/b] — keys", ""]
+        lines += [f"  [b]{k:<{width}}[/b]  {d}" for k, d in self.keys]
+        lines += ["", "  [b]ctrl+s[/b]  save this view as SVG", "", "[dim]esc, q or ? closes this help[/dim]"]
+        with Vertical(classes="dialog help"):
+            yield Static("\n".join(lines))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+def binding_keys(
+    bindings: Sequence[Binding | tuple[str, ...]], visible: set[str] | None = None
+) -> list[tuple[str, str]]:
+    """(key, description) for the help screen, from a screen's BINDINGS, with readable key names."""
+    names = {
+        "question_mark": "?",
+        "space": "space",
+        "left": "←",
+        "right": "→",
+        "shift+left": "shift+←",
+        "shift+right": "shift+→",
+        "plus": "+",
+        "minus": "-",
+        "equals_sign": "=",
+        "escape": "esc",
+        "enter": "enter",
+    }
+    out = []
+    for b in bindings:
+        if not isinstance(b, Binding):
+            continue
+        if visible is not None and b.action not in visible:
+            continue
+        key = "/".join(names.get(k.strip(), k.strip()) for k in b.key.split(","))
+        out.append((key, b.description or b.action))
+    return out

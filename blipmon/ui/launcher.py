@@ -1,0 +1,427 @@
+"""The launcher: presets by group and saved runs, the selected configuration's settings, and actions.
+
+Left: every preset under its group (tiny, h100, a100, load, train), then the runs saved under
+``./profiles``, newest first, with status and peak. Right: the selected configuration, every
+setting editable and validated as you type by the same code as a TOML file (``config.validate``),
+errors shown next to the field. ``r`` runs it; ``space`` marks runs, ``c`` compares them, ``d``
+deletes one after asking. The estimate panel below the settings is a placeholder for now.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from blipmon.core import config, presets
+from blipmon.core.profile import EVENTS, ProfileError, iter_run_dirs
+from blipmon.core.run import load_run
+from blipmon.core.units import fmt_bytes
+from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, binding_keys
+from blipmon.ui.widgets.estimate import EstimatePanel
+
+PROFILES = Path("profiles")
+HIDDEN_KEYS = ("description",)
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """A saved run as the list shows it; read once per change of its events file."""
+
+    path: Path
+    name: str
+    status: str
+    peak: int | None
+    config: dict[str, Any]
+    stamp: tuple[float, int]
+
+
+_ENTRY_CACHE: dict[Path, RunEntry] = {}
+
+
+def read_entry(path: Path) -> RunEntry | None:
+    """Status and peak of a saved run (cached until its events file changes); None if unreadable."""
+    try:
+        st = (path / EVENTS).stat()
+    except OSError:
+        return None
+    stamp = (st.st_mtime, st.st_size)
+    cached = _ENTRY_CACHE.get(path)
+    if cached is not None and cached.stamp == stamp:
+        return cached
+    try:
+        run = load_run(path)
+    except (ProfileError, OSError):
+        return None
+    pk = run.peaks()
+    peak = pk["allocated"] if pk["allocated"] is not None else pk["host_rss"]
+    entry = RunEntry(path, run.name, run.status, peak, run.config, stamp)
+    _ENTRY_CACHE[path] = entry
+    return entry
+
+
+def list_runs(root: Path = PROFILES) -> list[RunEntry]:
+    out = []
+    for p in iter_run_dirs(root):
+        e = read_entry(p)
+        if e is not None:
+            out.append(e)
+    return out
+
+
+def display_value(v: Any) -> str:
+    """A setting as the user types it: the TOML value, without quotes around plain strings."""
+    if isinstance(v, str):
+        return v
+    return config._toml_value(v)  # noqa: SLF001 - the one TOML writer the project has
+
+
+def settings_of(cfg: dict[str, Any]) -> dict[str, str]:
+    """Every schema key's current text for the form."""
+    out = {}
+    for key in config.SCHEMA:
+        if key in HIDDEN_KEYS:
+            continue
+        try:
+            out[key] = display_value(config.get(cfg, key))
+        except (KeyError, TypeError):
+            out[key] = display_value(config.SCHEMA[key].default)
+    return out
+
+
+def validate_edits(
+    base: dict[str, Any], original: dict[str, str], edited: dict[str, str]
+) -> tuple[dict[str, Any] | None, dict[str, str], list[str]]:
+    """Apply the changed fields to ``base`` and validate: (config or None, errors by key, other errors)."""
+    items = [f"{k}={v}" for k, v in edited.items() if v != original.get(k)]
+    try:
+        override = config.parse_set(items)
+        return config.validate(config.merge(base, override)), {}, []
+    except config.ConfigError as e:
+        return None, *split_errors(str(e))
+
+
+def split_errors(message: str) -> tuple[dict[str, str], list[str]]:
+    """Attach each line of a ConfigError to the setting it names (the longest key it mentions)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.startswith("invalid configuration")]
+    by_key: dict[str, str] = {}
+    rest: list[str] = []
+    keys = sorted(config.SCHEMA, key=len, reverse=True)
+    for line in lines:
+        key = next((k for k in keys if line.startswith(k) or line.startswith(f"--set {k}")), None)
+        key = key or next((k for k in keys if k in line), None)
+        if key is not None and key not in HIDDEN_KEYS:
+            by_key[key] = (by_key[key] + "; " if key in by_key else "") + line
+        else:
+            rest.append(line)
+    return by_key, rest
+
+
+def _key_id(key: str) -> str:
+    return "set-" + key.replace(".", "--")
+
+
+class SettingRow(Vertical):
+    """One setting: its dotted key, an input, and (when invalid) the reason under it."""
+
+    def __init__(self, key: str, value: str) -> None:
+        super().__init__(classes="setting")
+        self.key = key
+        self.value = value
+        self.error: str | None = None
+
+    def compose(self) -> ComposeResult:
+        f = config.SCHEMA[self.key]
+        with Horizontal(classes="setting-line"):
+            yield Static(self.key, classes="setting-key")
+            yield Input(self.value, id=_key_id(self.key), placeholder=f.allowed())
+        yield Static("", classes="setting-error")
+
+    def on_mount(self) -> None:
+        self.set_error(self.error)
+
+    def set_error(self, text: str | None) -> None:
+        self.error = text
+        self.set_class(text is not None, "-invalid")
+        for err in self.query(".setting-error").results(Static):
+            err.update(text or "")
+            err.display = text is not None
+
+
+class LauncherScreen(Screen[None]):
+    BINDINGS = [
+        Binding("r", "run", "run"),
+        Binding("enter", "open", "open", show=False),
+        Binding("space", "mark", "mark"),
+        Binding("c", "compare", "compare"),
+        Binding("d", "delete", "delete"),
+        Binding("e", "edit", "edit"),
+        Binding("escape", "back_to_list", "list", show=False),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "quit", "quit"),
+    ]
+
+    export_name = "launcher"
+
+    def __init__(self, root: Path = PROFILES) -> None:
+        super().__init__()
+        self.root = root
+        self.runs: list[RunEntry] = []
+        self.marked: list[Path] = []
+        self.selected: str | None = None
+        self.base: dict[str, Any] = {}
+        self.original: dict[str, str] = {}
+        self.valid_cfg: dict[str, Any] | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="launcher-body"):
+            yield OptionList(id="configs")
+            with Vertical(id="right"):
+                yield Static("", id="details")
+                yield VerticalScroll(id="settings")
+                yield Static("", id="validation")
+                yield EstimatePanel("", id="estimate")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#configs").border_title = "configurations"
+        self.query_one("#settings").border_title = "settings (edit, then r to run)"
+        self.rebuild_list()
+        self.refresh_runs()
+        self.set_interval(3.0, self.refresh_runs)
+        self.query_one("#configs").focus()
+
+    # -- the list ------------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="runs")
+    def refresh_runs(self) -> None:
+        runs = list_runs(self.root)
+        self.app.call_from_thread(self._set_runs, runs)
+
+    def _set_runs(self, runs: list[RunEntry]) -> None:
+        if [(r.path, r.status, r.peak) for r in runs] == [(r.path, r.status, r.peak) for r in self.runs]:
+            return
+        self.runs = runs
+        self.marked = [p for p in self.marked if any(r.path == p for r in runs)]
+        self.rebuild_list()
+
+    def rebuild_list(self) -> None:
+        ol = self.query_one("#configs", OptionList)
+        keep = ol.highlighted_option.id if ol.highlighted_option is not None else self.selected
+        options: list[Option | None] = []
+        names = presets.names()
+        for group in presets.GROUPS:
+            options.append(Option(f"[b]{group}/[/b]", id=f"group:{group}", disabled=True))
+            for n in names:
+                if n.startswith(group + "/"):
+                    options.append(Option(f"  {n}", id=f"preset:{n}"))
+        options.append(Option(f"[b]saved runs[/b] [dim]({self.root}/)[/dim]", id="group:runs", disabled=True))
+        if not self.runs:
+            options.append(Option("  [dim]none yet: r runs the selected preset[/dim]", id="group:none", disabled=True))
+        for r in self.runs:
+            mark = "[b]✓[/b]" if r.path in self.marked else " "
+            peak = fmt_bytes(r.peak) if r.peak is not None else "—"
+            options.append(
+                Option(f"{mark} {r.path.name[:34]}\n    [dim]{r.status:<8} peak {peak}[/dim]", id=f"run:{r.path}")
+            )
+        ol.clear_options()
+        ol.add_options(options)
+        ids = [o.id for o in options if o is not None]
+        if keep in ids:
+            ol.highlighted = ids.index(keep)
+        else:
+            ol.highlighted = next(i for i, o in enumerate(options) if o is not None and not o.disabled)
+
+    @on(OptionList.OptionHighlighted, "#configs")
+    def _highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        oid = event.option.id or ""
+        if oid != self.selected:
+            self.select(oid)
+
+    @on(OptionList.OptionSelected, "#configs")
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        self.action_open()
+
+    def select(self, oid: str) -> None:
+        """Show the configuration of a preset or a saved run in the settings form."""
+        self.selected = oid
+        details = self.query_one("#details", Static)
+        if oid.startswith("preset:"):
+            name = oid[7:]
+            self.base = presets.get(name)
+            details.update(f"[b]{name}[/b]\n{self.base.get('description', '')}")
+        elif oid.startswith("run:"):
+            entry = next((r for r in self.runs if f"run:{r.path}" == oid), None)
+            if entry is None:
+                return
+            self.base = dict(entry.config) or {"name": entry.name}
+            running = " — enter attaches" if entry.status == "running" else " — enter replays"
+            details.update(
+                f"[b]{entry.name}[/b]  {entry.status}, peak {fmt_bytes(entry.peak)}{running}\n[dim]{entry.path}[/dim]"
+            )
+        else:
+            return
+        try:
+            full = config.validate(self.base)
+        except config.ConfigError:
+            full = config.merge(config.defaults(), self.base)
+        self.original = settings_of(full)
+        self._build_form()
+        self.revalidate()
+
+    def _build_form(self) -> None:
+        form = self.query_one("#settings", VerticalScroll)
+        form.remove_children()
+        form.mount_all([SettingRow(k, v) for k, v in self.original.items()])
+
+    def edited(self) -> dict[str, str]:
+        out = dict(self.original)
+        for inp in self.query("#settings Input").results(Input):
+            key = (inp.id or "")[4:].replace("--", ".")
+            out[key] = inp.value
+        return out
+
+    @on(Input.Changed, "#settings Input")
+    def _changed(self, event: Input.Changed) -> None:
+        self.revalidate()
+
+    def revalidate(self) -> None:
+        cfg, by_key, rest = validate_edits(self.base, self.original, self.edited())
+        self.valid_cfg = cfg
+        for row in self.query(SettingRow).results(SettingRow):
+            row.set_error(by_key.get(row.key))
+        status = self.query_one("#validation", Static)
+        status.set_class(cfg is None, "-bad")
+        if cfg is not None:
+            changed = sum(1 for k, v in self.edited().items() if v != self.original.get(k))
+            status.update(f"✓ valid{f' ({changed} changed)' if changed else ''} — [b]r[/b] runs it")
+        else:
+            n = len(by_key) + len(rest)
+            status.update(f"✗ {n} problem{'s' if n != 1 else ''}: " + "; ".join(rest or list(by_key.values()))[:300])
+        self.query_one(EstimatePanel).show_config(cfg)
+
+    # -- actions ------------------------------------------------------------------------------------
+    def _entry(self) -> RunEntry | None:
+        if self.selected and self.selected.startswith("run:"):
+            return next((r for r in self.runs if f"run:{r.path}" == self.selected), None)
+        return None
+
+    def action_help(self) -> None:
+        self.app.push_screen(
+            HelpScreen("launcher", binding_keys(self.BINDINGS) + [("tab", "move between the list and the settings")])
+        )
+
+    def action_quit(self) -> None:
+        self.app.exit(None)
+
+    def action_edit(self) -> None:
+        inputs = list(self.query("#settings Input").results(Input))
+        if inputs:
+            inputs[0].focus()
+
+    def action_back_to_list(self) -> None:
+        self.query_one("#configs").focus()
+
+    def action_mark(self) -> None:
+        e = self._entry()
+        if e is None:
+            self.notify("only saved runs can be marked for comparison", severity="warning")
+            return
+        if e.path in self.marked:
+            self.marked.remove(e.path)
+        elif len(self.marked) >= 6:
+            self.notify("at most 6 runs can be compared", severity="warning")
+            return
+        else:
+            self.marked.append(e.path)
+        self.rebuild_list()
+
+    def action_compare(self) -> None:
+        if not 2 <= len(self.marked) <= 6:
+            self.notify("mark 2 to 6 saved runs with space first", severity="warning")
+            return
+        from blipmon.ui.compare import CompareScreen
+
+        self.app.push_screen(CompareScreen(list(self.marked)))
+
+    def action_delete(self) -> None:
+        e = self._entry()
+        if e is None:
+            self.notify("select a saved run to delete", severity="warning")
+            return
+        if e.status == "running":
+            self.notify("this run is still running: stop it first", severity="warning")
+            return
+
+        def answer(value: str | None) -> None:
+            if value == "yes":
+                self._delete(e.path)
+
+        self.app.push_screen(ConfirmScreen(f"Delete the run {e.path.name} and all its files?"), answer)
+
+    def _delete(self, path: Path) -> None:
+        if not (path / EVENTS).is_file():
+            self.notify(f"{path}: not a run directory; nothing deleted", severity="error")
+            return
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            self.notify(f"could not delete {path}: {err}", severity="error")
+            return
+        _ENTRY_CACHE.pop(path, None)
+        self.runs = [r for r in self.runs if r.path != path]
+        self.marked = [p for p in self.marked if p != path]
+        self.selected = None
+        self.rebuild_list()
+        self.notify(f"deleted {path.name}")
+
+    def action_open(self) -> None:
+        e = self._entry()
+        if e is None:
+            self.action_edit()
+            return
+        from blipmon.core.source import FileFollowSource, ReplaySource
+        from blipmon.ui.live import RunScreen
+
+        try:
+            source = FileFollowSource(e.path, mode="attach") if e.status == "running" else ReplaySource(e.path)
+        except (ProfileError, OSError) as err:
+            self.notify(str(err), severity="error")
+            return
+        self.app.push_screen(RunScreen(source), lambda _: self.refresh_runs())
+
+    def action_run(self) -> None:
+        if self.valid_cfg is None:
+            self.notify("fix the settings marked in red first", severity="error")
+            return
+        self.notify(f"starting {self.valid_cfg['name']}…", timeout=3)
+        self._launch(self.valid_cfg)
+
+    @work(thread=True, exclusive=True, group="launch")
+    def _launch(self, cfg: dict[str, Any]) -> None:
+        from blipmon.runner.launch import preflight
+        from blipmon.ui.control import LaunchError, LiveRun
+
+        try:
+            preflight(cfg)
+            live = LiveRun(cfg, self.root)
+        except (config.ConfigError, LaunchError) as e:
+            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=10)
+            return
+        self.app.call_from_thread(self._show_live, live)
+
+    def _show_live(self, live: Any) -> None:
+        from blipmon.core.source import FileFollowSource
+        from blipmon.ui.live import RunScreen
+
+        self.app.push_screen(
+            RunScreen(FileFollowSource(live.run_dir, mode="live"), live), lambda _: self.refresh_runs()
+        )

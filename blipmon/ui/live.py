@@ -1,0 +1,261 @@
+"""The run view: one screen for a live run, an attached one and a replay, fed by a ``RunSource``.
+
+The screen polls its source on a timer and hands each snapshot to its widgets; widgets redraw
+only what changed. Which keys exist depends on the mode: ``s`` stops only a run we launched,
+the replay keys only in a replay. Leaving never stops a run unless the user says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Log, Static
+
+from blipmon.core.source import RunSource, Snapshot
+from blipmon.ui.control import LiveRun, exit_code_for
+from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
+from blipmon.ui.widgets.phase_bars import PhaseBars
+from blipmon.ui.widgets.run_header import RunHeader, banner_text
+from blipmon.ui.widgets.steps import StepCharts
+from blipmon.ui.widgets.timeline import TimelineChart
+
+REFRESH_SECONDS = 0.5  # the default refresh: memory moves slower than this, and it keeps the CPU idle
+
+_REPLAY_ACTIONS = {"pause", "faster", "slower", "back", "forward", "back_long", "forward_long", "start", "end"}
+
+
+class ChildLog(Log):
+    """The child's log; not focusable, so its scroll keys never shadow the replay's ← and →."""
+
+    can_focus = False
+
+
+class RunResult:
+    """How the user left the run view: the run's exit code if known, and whether it was left running."""
+
+    def __init__(self, code: int | None, left_running: bool = False, run_dir: Any = None) -> None:
+        self.code = code
+        self.left_running = left_running
+        self.run_dir = run_dir
+
+
+class RunScreen(Screen[RunResult]):
+    """Header, memory timeline, phase bars, step time and loss, the child's log, and an OOM banner."""
+
+    BINDINGS = [
+        Binding("s", "stop", "stop run"),
+        Binding("space", "pause", "pause/play"),
+        Binding("plus,equals_sign,right_square_bracket", "faster", "faster", key_display="+"),
+        Binding("minus,left_square_bracket", "slower", "slower", key_display="-"),
+        Binding("left", "back", "−10s", key_display="←"),
+        Binding("right", "forward", "+10s", key_display="→"),
+        Binding("shift+left,pageup", "back_long", "−1 min", show=False),
+        Binding("shift+right,pagedown", "forward_long", "+1 min", show=False),
+        Binding("home", "start", "to start", show=False),
+        Binding("end", "end", "to end", show=False),
+        Binding("q,escape", "leave", "leave"),
+        Binding("question_mark", "help", "help", key_display="?"),
+    ]
+
+    AUTO_FOCUS = None
+
+    def __init__(self, source: RunSource, live: LiveRun | None = None, *, refresh: float = REFRESH_SECONDS) -> None:
+        super().__init__()
+        self.source = source
+        self.live = live
+        self.refresh_seconds = refresh
+        self.snapshot: Snapshot | None = None
+        self._log_shown: tuple[str, ...] = ()
+        self._finished_shown: bool | None = None
+        self._banner_shown: str | None = None
+        self._leaving = False
+
+    @property
+    def mode(self) -> str:
+        return self.source.mode
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="run-header")
+        yield Static("", id="banner")
+        yield TimelineChart(id="timeline")
+        with Horizontal(id="lower"):
+            yield PhaseBars(id="phases")
+            yield StepCharts(id="steps")
+        yield ChildLog(id="log", max_lines=400, auto_scroll=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#log", Log).border_title = "child.log"
+        self.query_one("#banner").display = False
+        self.tick()
+        self.set_interval(self.refresh_seconds, self.tick)
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.height >= 40, "-tall")
+
+    # -- data -----------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        snap = self.source.poll()
+        if self.snapshot is not None and snap.version == self.snapshot.version:
+            return
+        self.show(snap)
+
+    def show(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.query_one(RunHeader).show(snap)
+        self.query_one(TimelineChart).show(snap)
+        self.query_one(PhaseBars).show(snap)
+        self.query_one(StepCharts).show(snap)
+        text = banner_text(snap)
+        if text != self._banner_shown:
+            self._banner_shown = text
+            banner = self.query_one("#banner", Static)
+            banner.display = text is not None
+            banner.update(text or "")
+            banner.set_class(snap.oom is not None, "-oom")
+        if snap.log != self._log_shown:
+            log = self.query_one("#log", Log)
+            old = self._log_shown
+            if old and snap.log[: len(old)] == old:
+                log.write_lines(snap.log[len(old) :])  # the usual case: lines were added
+            else:
+                log.clear()
+                log.write_lines(snap.log)
+            self._log_shown = snap.log
+        if snap.finished != self._finished_shown:  # only then does a key appear or go (stop)
+            self._finished_shown = snap.finished
+            self.refresh_bindings()
+
+    # -- which keys exist ----------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop":
+            return self.live is not None and (self.snapshot is None or not self.snapshot.finished)
+        if action in _REPLAY_ACTIONS:
+            return self.mode == "replay"
+        return True
+
+    def visible_actions(self) -> set[str]:
+        return {b.action for b in self.BINDINGS if isinstance(b, Binding) and self.check_action(b.action, ())}
+
+    # -- actions ------------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        title = {"live": "live run", "attach": "attached run", "replay": "replay"}.get(self.mode, "run")
+        self.app.push_screen(HelpScreen(title, binding_keys(self.BINDINGS, self.visible_actions())))
+
+    def action_stop(self) -> None:
+        if self.live is None:
+            return
+
+        def answer(value: str | None) -> None:
+            if value == "yes" and self.live is not None:
+                self.live.stop()
+                self.notify("stopping the run… it is saved as stopped", timeout=4)
+
+        self.app.push_screen(
+            ConfirmScreen("Stop this run? What was recorded is kept and the run is saved as stopped."), answer
+        )
+
+    def action_leave(self) -> None:
+        if self._leaving:
+            return
+        if self.live is not None and self.live.running() and not (self.snapshot and self.snapshot.finished):
+
+            def answer(value: str | None) -> None:
+                if value == "stop":
+                    self._stop_and_leave()
+                elif value == "leave":
+                    self._finish(RunResult(None, left_running=True, run_dir=self.live.run_dir if self.live else None))
+
+            self.app.push_screen(
+                ChoiceScreen(
+                    "The run is still going. Stop it, or leave it running?",
+                    [
+                        ("s", "stop the run, then leave (saved as stopped)", "stop"),
+                        ("l", "leave it running (attach later)", "leave"),
+                    ],
+                ),
+                answer,
+            )
+            return
+        self._finish(self._result())
+
+    @work(thread=True, exclusive=True, group="stop")
+    def _stop_and_leave(self) -> None:
+        assert self.live is not None
+        self._leaving = True
+        self.app.call_from_thread(self.notify, "stopping the run…", timeout=10)
+        self.live.stop()
+        code = self.live.wait(timeout=30)
+        self.app.call_from_thread(self._finish, RunResult(code if code is not None else 4, run_dir=self.live.run_dir))
+
+    def _result(self) -> RunResult:
+        if self.live is not None:
+            code = self.live.poll()
+            if code is None and self.snapshot is not None and self.snapshot.finished:
+                code = self.live.wait(timeout=5)
+            if code is None and self.snapshot is not None:
+                code = exit_code_for(self.snapshot.status)
+            return RunResult(code, run_dir=self.live.run_dir)
+        return RunResult(None, run_dir=self.source.run_dir)
+
+    def _finish(self, result: RunResult) -> None:
+        self._leaving = True
+        self.source.close()
+        self.dismiss(result)
+
+    # replay controls
+    def _replay(self) -> Any:
+        return self.source if self.mode == "replay" else None
+
+    def _after_control(self) -> None:
+        self.tick()
+
+    def action_pause(self) -> None:
+        if r := self._replay():
+            r.toggle_pause()
+            self._after_control()
+
+    def action_faster(self) -> None:
+        if r := self._replay():
+            r.faster()
+            self._after_control()
+
+    def action_slower(self) -> None:
+        if r := self._replay():
+            r.slower()
+            self._after_control()
+
+    def action_back(self) -> None:
+        if r := self._replay():
+            r.seek(-10)
+            self._after_control()
+
+    def action_forward(self) -> None:
+        if r := self._replay():
+            r.seek(10)
+            self._after_control()
+
+    def action_back_long(self) -> None:
+        if r := self._replay():
+            r.seek(-60)
+            self._after_control()
+
+    def action_forward_long(self) -> None:
+        if r := self._replay():
+            r.seek(60)
+            self._after_control()
+
+    def action_start(self) -> None:
+        if r := self._replay():
+            r.seek_fraction(0.0)
+            self._after_control()
+
+    def action_end(self) -> None:
+        if r := self._replay():
+            r.seek_fraction(1.0)
+            self._after_control()

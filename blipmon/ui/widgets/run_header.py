@@ -1,0 +1,113 @@
+"""The run's header: name, status, device, elapsed time; progress with ETA (or the replay's playhead)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.style import Style
+from textual.strip import Strip
+
+from blipmon.core import timeline as tl
+from blipmon.core.source import Snapshot
+from blipmon.core.units import fmt_bytes
+from blipmon.ui import theme
+from blipmon.ui.widgets.base import LinesWidget, strip
+
+_MODE = {"live": "live", "attach": "attached", "replay": "replay"}
+
+
+def device_text(env: dict[str, Any]) -> str:
+    """GPU name and capacity, or CPU and why there is no GPU."""
+    if not env:
+        return "device: waiting for the child…"
+    if env.get("device") == "cuda" and env.get("gpu_name"):
+        return f"GPU {env['gpu_name']} ({fmt_bytes(env.get('gpu_total_bytes'))})"
+    if env.get("gpu_name"):
+        return f"CPU (GPU {env['gpu_name']} not used)"
+    return "CPU · no NVIDIA GPU"
+
+
+def bar(fraction: float, width: int) -> str:
+    width = max(width, 1)
+    fill = int(round(min(max(fraction, 0.0), 1.0) * width))
+    return "█" * fill + "░" * (width - fill)
+
+
+def header_lines(snap: Snapshot, width: int) -> list[Strip]:
+    status = snap.status
+    line1: list[tuple[str, Style | None]] = [
+        ("● ", theme.status_style(status)),
+        (snap.name + "  ", theme.BOLD),
+        (status.upper() if status in ("oom", "error", "killed") else status, theme.status_style(status)),
+        (f"  [{_MODE.get(snap.mode, snap.mode)}]  ", theme.DIM),
+        (f"elapsed {tl.fmt_clock(snap.now)}  ", None),
+        (device_text(snap.environment), theme.DIM),
+    ]
+    done, total, eta = snap.progress()
+    line2: list[tuple[str, Style | None]] = []
+    if snap.replay is not None:
+        r = snap.replay
+        sym = "⏸" if r.paused else "▶"
+        frac = r.position / r.duration if r.duration > 0 else 0.0
+        line2 += [
+            (f"{sym} {r.speed:g}×  ", Style(color="#5fafff", bold=True)),
+            (f"{tl.fmt_clock(r.position)}/{tl.fmt_clock(r.duration)} ", None),
+            (bar(frac, 16), Style(color="#5fafff")),
+            ("  " if r.loaded >= 1 else f" reading {r.loaded:.0%}  ", theme.DIM),
+        ]
+    if total:
+        pct = done / total
+        line2 += [
+            (f"step {done}/{total} ", None),
+            (bar(pct, 14 if snap.replay is None else 10), Style(color=theme.STATUS_COLORS.get(status, "#5fafff"))),
+            (f" {pct:4.0%}", None),
+            (f"  ETA {tl.fmt_clock(eta)}" if eta is not None else "", theme.DIM),
+            ("   ", None),
+        ]
+    elif snap.steps:
+        line2.append((f"step {done}   ", None))
+    pk = snap.peaks()
+    peak_parts = []
+    if pk.get("allocated") is not None:
+        peak_parts.append(f"alloc {fmt_bytes(pk['allocated'])}")
+    if pk.get("reserved") is not None:
+        peak_parts.append(f"res {fmt_bytes(pk['reserved'])}")
+    if pk.get("device_used") is not None:
+        peak_parts.append(f"dev {fmt_bytes(pk['device_used'])}")
+    if pk.get("host_rss") is not None:
+        peak_parts.append(f"host {fmt_bytes(pk['host_rss'])}")
+    if peak_parts and width >= 120:  # narrower: the timeline's legend carries the peaks
+        line2 += [("peak ", theme.BOLD), (" · ".join(peak_parts), None)]
+    return [strip(line1, width), strip(line2, width)]
+
+
+class RunHeader(LinesWidget):
+    DEFAULT_CSS = """
+    RunHeader { height: 2; }
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.snapshot: Snapshot | None = None
+
+    def show(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.set_data(snap.version)
+
+    def build(self, width: int, height: int) -> list[Strip]:
+        return [] if self.snapshot is None else header_lines(self.snapshot, width)[:height]
+
+
+def banner_text(snap: Snapshot) -> str | None:
+    """The OOM (or failure) banner, or None when there is nothing alarming to say."""
+    o = snap.oom
+    if o:
+        req = o.get("requested_bytes")
+        size = f", trying to allocate {fmt_bytes(req)}" if req else ""
+        micro = f" (micro-step {o.get('micro_step')})" if o.get("micro_step") else ""
+        return f"OUT OF MEMORY at step {o.get('step')}{micro}, phase {o.get('phase')}{size}"
+    if snap.status == "error" and snap.error:
+        return "FAILED: " + str(snap.error.get("message", ""))[:300]
+    if snap.problem:
+        return snap.problem
+    return None
