@@ -207,7 +207,7 @@ def render_show(run: RunData) -> str:
             f"{t.get('precision')}, {t.get('optim')}{ckpt}{lora}{qlora}"
         )
         if run.plan.get("trainable_params") is not None:
-            lines.append(f"params   {run.plan['trainable_params']:,} trainable of {run.plan.get('total_params', 0):,}")
+            lines.append(f"params   {run.plan['trainable_params']:,} trainable of {run.plan.get('total_params') or 0:,}")
     else:
         lines.append(f"job      {cfg.get('job', {}).get('kind', '?')}")
     if run.load:
