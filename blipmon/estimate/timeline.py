@@ -1,0 +1,394 @@
+"""The phase timeline: what coexists when, the peak, and the verdict against a memory capacity.
+
+The runner's loop (``blipmon.runner.train.run_train``) fixes the order of events in every micro-step::
+
+    before_fwd -> forward -> after_fwd -> backward -> after_bwd [-> optimizer.step() -> after_opt_step -> zero_grad]
+
+- activations (tensors saved for backward) are created in the forward pass and released during backward;
+- gradients appear during the first backward of a step and stay until ``zero_grad(set_to_none=True)`` after the
+  optimizer step; later micro-steps of an accumulation window add into them in place;
+- optimizer state is created inside the first ``step()`` and lives for the rest of the run.
+
+Each phase entry carries the four probe categories at that boundary (of the step's last micro-step, where
+accumulated gradients coexist with the forward) and ``total``: the predicted peak of the interval that ends at
+that boundary, over all micro-steps of the step. That is the figure the CUDA allocator reports as the phase's
+``peak``; it adds to the categories what the boundaries never see: temporaries of the forward and backward pass
+(fp32 logits and their gradient, gradient buffers of activations, checkpointed layers being recomputed), the
+optimizer's own temporaries, the batch, registered buffers and bitsandbytes' quantization state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from blipmon.core.config import ConfigError
+
+PHASES = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
+# Device memory outside the caching allocator: the CUDA context, kernels and library handles. About 0.5 GiB on
+# A100/H100 with CUDA 12's lazy module loading; the allocator's own block rounding is left out (small for large
+# tensors, which are what decide a verdict).
+CUDA_RUNTIME_BYTES = 600 * 1024**2
+# Host memory of the runner child before it loads a model: Python, torch, transformers, peft, bitsandbytes
+# (measured: ~400 MiB RSS at the first boundary of a tiny run).
+CPU_RUNTIME_BYTES = 420 * 1024**2
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    """One phase boundary of step 0 (the first optimizer step) or step 1 (steady state)."""
+
+    phase: str
+    step: int
+    params: int
+    grads: int
+    optim: int
+    acts: int
+    total: int  # predicted peak of the interval ending here (all micro-steps of the step)
+
+    @property
+    def other(self) -> int:
+        """Temporaries, batch, buffers and quantization state at the interval's peak.
+
+        Never negative: on a GPU torch keeps AdamW's ``step`` scalars in host memory, so ``optim`` (counted like
+        the probe, everywhere) can exceed what the device holds by 4 bytes per parameter tensor.
+        """
+        return max(0, self.total - (self.params + self.grads + self.optim + self.acts))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "params": self.params,
+            "grads": self.grads,
+            "optim": self.optim,
+            "acts": self.acts,
+            "total": self.total,
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A configuration's predicted memory. ``to_json()`` is the fixed ``blipmon estimate --json`` object."""
+
+    name: str
+    model_id: str
+    device: str  # "cuda" | "cpu": whose memory the verdict is about
+    capacity_bytes: int  # GPU memory (or available host memory for CPU runs)
+    capacity_source: str  # where the capacity came from (argument, local GPU, host memory)
+    runtime_bytes: int  # memory the process needs besides the predicted peak (CUDA context / interpreter)
+    phases: tuple[PhaseEstimate, ...]
+    peak_bytes: int
+    peak_phase: str
+    peak_step: int
+    verdict: str  # "fits" | "oom"
+    seconds: float
+    # Details behind the numbers.
+    total_params: int = 0
+    trainable_params: int = 0
+    quant_state_bytes: int = 0
+    buffer_bytes: int = 0
+    host_optim_bytes: int = 0  # optimizer memory in host RAM (DeepSpeed offload)
+    optim_step_temp_bytes: int = 0
+    short_layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # stack -> (traced, full) layers
+    notes: tuple[str, ...] = ()
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Capacity left at the peak (negative when it does not fit)."""
+        return self.capacity_bytes - self.runtime_bytes - self.peak_bytes
+
+    def phase(self, phase: str, step: int) -> PhaseEstimate:
+        for p in self.phases:
+            if p.phase == phase and p.step == step:
+                return p
+        raise KeyError((phase, step))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gpu_memory_bytes": int(self.capacity_bytes),
+            "phases": [p.to_json() for p in self.phases],
+            "peak_bytes": int(self.peak_bytes),
+            "peak_phase": self.peak_phase,
+            "verdict": self.verdict,
+            "seconds": round(float(self.seconds), 3),
+        }
+
+    def explain(self) -> str:
+        """A few lines a person reads before launching: the peak, where it is, what dominates, the verdict."""
+        from blipmon.core.units import fmt_bytes
+
+        where = "GPU" if self.device == "cuda" else "host RAM"
+        lines = [
+            f"{self.name}: {self.model_id}, predicted peak {fmt_bytes(self.peak_bytes)} at step {self.peak_step} "
+            f"{self.peak_phase} (+{fmt_bytes(self.runtime_bytes)} runtime) vs {fmt_bytes(self.capacity_bytes)} "
+            f"{where} ({self.capacity_source}): {self.verdict.upper()}",
+        ]
+        hr = self.headroom_bytes
+        lines.append(
+            f"  headroom {fmt_bytes(hr)}" if hr >= 0 else f"  short by {fmt_bytes(-hr)}",
+        )
+        p = self.phase(self.peak_phase, self.peak_step)
+        parts = [("params", p.params), ("grads", p.grads), ("optim", p.optim), ("acts", p.acts), ("other", p.other)]
+        lines.append("  at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts))
+        if self.host_optim_bytes:
+            lines.append(f"  host RAM for offloaded optimizer state and gradients: {fmt_bytes(self.host_optim_bytes)}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def target_device(cfg: dict[str, Any], device: str | None, capacity_bytes: int | None) -> str:
+    """Where the run would put the model: "cuda" or "cpu".
+
+    ``device_map = "cpu"`` is the CPU; ``"cuda"`` or a table with a GPU entry is the GPU. ``auto`` and
+    ``cpu-first`` follow the machine, as the runner does: the GPU when one is visible or a GPU capacity is given.
+    """
+    if device is not None:
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"device {device!r}: expected 'cuda' or 'cpu'")
+        return device
+    dm = cfg["model"]["device_map"]
+    if dm == "cpu":
+        return "cpu"
+    if dm == "cuda" or (isinstance(dm, dict) and any(str(v) not in ("cpu", "disk") for v in dm.values())):
+        return "cuda"
+    if isinstance(dm, dict):
+        return "cpu"
+    return "cuda" if capacity_bytes is not None or _local_gpu_bytes() is not None else "cpu"
+
+
+def _local_gpu_bytes() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - a broken driver is "no GPU" here
+        return None
+    return None
+
+
+def capacity(device: str, capacity_bytes: int | None) -> tuple[int, str]:
+    """(bytes, where they came from) for the verdict."""
+    if capacity_bytes is not None:
+        if capacity_bytes <= 0:
+            raise ConfigError(f"memory capacity {capacity_bytes}: expected a positive number of bytes")
+        return int(capacity_bytes), "given"
+    if device == "cuda":
+        local = _local_gpu_bytes()
+        if local is None:
+            raise ConfigError(
+                "this configuration runs on a GPU and no GPU is visible here: give its memory with --gpu-memory "
+                "(e.g. --gpu-memory 80GiB)"
+            )
+        return local, "local GPU"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "available host memory"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+_PROFILES: dict[str, Any] = {}  # activation profiles of this process, by what decides them (never written to disk)
+_MODELS: dict[str, Any] = {}  # full meta models, by what decides their parameters
+_CACHE_SIZE = 16
+
+
+def _cache_put(cache: dict[str, Any], key: str, value: Any) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _profile_key(cfg: dict[str, Any], device: str) -> str:
+    m, t = cfg["model"], cfg["train"]
+    return json.dumps(
+        [
+            m["id"],
+            m["quantization"],
+            t["batch_size"],
+            cfg["data"]["max_length"],
+            t["precision"],
+            t["act_ckpt"],
+            t["lora"],
+            t["qlora"],
+            device,
+        ],
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _model_key(cfg: dict[str, Any]) -> str:
+    m, t = cfg["model"], cfg["train"]
+    return json.dumps(
+        [m["id"], m["quantization"], t["precision"], t["lora"], t["qlora"], cfg["job"]["kind"]], sort_keys=True
+    )
+
+
+def clear_cache() -> None:
+    """Forget cached models and activation profiles (tests use it to time a cold estimate)."""
+    _PROFILES.clear()
+    _MODELS.clear()
+
+
+def estimate(
+    cfg: dict[str, Any], *, capacity_bytes: int | None = None, device: str | None = None, name: str | None = None
+) -> Estimate:
+    """Predict the per-phase memory of a training configuration, with no GPU and no weights.
+
+    ``cfg`` is a configuration dict (validated here if it is not already); ``capacity_bytes`` is the memory to
+    judge against (default: the local GPU's, or available host memory for a CPU run); ``device`` forces "cuda" or
+    "cpu" instead of deciding from ``model.device_map``. Raises ``ConfigError`` for what the user must fix.
+    """
+    from blipmon.core import config as config_mod
+    from blipmon.estimate import activations, build, static
+
+    t0 = time.perf_counter()
+    cfg = config_mod.validate(cfg)
+    dev = target_device(cfg, device, capacity_bytes)
+    cap, cap_source = capacity(dev, capacity_bytes)
+    spec = build.resolve_spec(cfg)
+    if not spec.train:
+        raise ConfigError(
+            f"job.kind = {cfg['job']['kind']!r}: estimates cover training steps; "
+            "`blipmon models` lists parameter bytes per dtype for loading"
+        )
+    notes = list(spec.notes)
+    notes.append(
+        f"every caption padded to data.max_length = {cfg['data']['max_length']} tokens, as blipmon's batches are; "
+        "a dataset padded to the longest caption of each batch can need less"
+    )
+    if cfg["train"]["devices"] > 1 or cfg["train"]["strategy"] == "ddp":
+        notes.append("per rank; DDP adds gradient buckets (about the gradient size) that are not counted")
+
+    mkey = _model_key(cfg)
+    full = _MODELS.get(mkey)
+    if full is None:
+        full = build.build_meta(spec, spec.arch, cfg)
+        _cache_put(_MODELS, mkey, full)
+    full_stacks = activations.layer_signatures(full)
+
+    pkey = _profile_key(cfg, dev)
+    cached = _PROFILES.get(pkey)
+    if cached is None:
+        short_arch = build.short_config(spec.arch)
+        short = build.build_meta(spec, short_arch, cfg)
+        short_stacks = activations.layer_signatures(short)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        activations.to_fake(short, mode)
+        try:
+            prof = activations.trace(short, cfg, spec, dev, short_stacks)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the run would most likely fail the same way: say so, no traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise EstimateError(
+                f"{spec.model_id}: the training step raised in the estimator's fake run, and the real run would most "
+                f"likely fail the same way: {type(e).__name__}: {first}"
+            ) from e
+        cached = (prof, short_stacks)
+        _cache_put(_PROFILES, pkey, cached)
+    prof, short_stacks = cached
+
+    extra: dict[tuple[str, str], int] = {}
+    layers_info: dict[str, tuple[int, int]] = {}
+    for stack, sigs in full_stacks.items():
+        short_sigs = short_stacks.get(stack, [])
+        layers_info[stack] = (len(short_sigs), len(sigs))
+        for sig in set(sigs):
+            more = sigs.count(sig) - short_sigs.count(sig)
+            if more > 0:
+                if sig not in short_sigs:
+                    raise EstimateError(f"{stack}: a layer kind of the full model is missing from the short copy")
+                extra[(stack, sig)] = more
+
+    st = static.analyse(full, cfg, prof.no_grad_params, dev)
+    acts, fwd0, bwd0 = prof.extrapolate(extra, grads_exist=False)
+    _a, _f, bwd1 = prof.extrapolate(extra, grads_exist=True)
+    offload = cfg["train"]["strategy"] == "deepspeed_stage_2_offload"
+    phases = _timeline(cfg, st, acts, fwd0, bwd0, bwd1, offload)
+    if offload:
+        notes.append("DeepSpeed ZeRO-2 offload: gradients and optimizer state are in host RAM; GPU gradient buckets")
+    if cfg["train"]["precision"] == "16-mixed":
+        notes.append("16-mixed: the GradScaler may skip the first steps (inf gradients), delaying optimizer state")
+    if cfg["train"]["optim"] == "paged_adamw_8bit" and dev == "cuda":
+        notes.append("paged optimizer state (tensors of 100k+ elements) can page out to host RAM: not in the peak")
+    peak = max(phases, key=lambda p: (p.total, -p.step))
+    runtime = CUDA_RUNTIME_BYTES if dev == "cuda" else CPU_RUNTIME_BYTES
+    verdict = "fits" if peak.total + runtime <= cap else "oom"
+    return Estimate(
+        name=name or str(cfg.get("name", "")),
+        model_id=spec.model_id,
+        device=dev,
+        capacity_bytes=cap,
+        capacity_source=cap_source,
+        runtime_bytes=runtime,
+        phases=tuple(phases),
+        peak_bytes=peak.total,
+        peak_phase=peak.phase,
+        peak_step=peak.step,
+        verdict=verdict,
+        seconds=time.perf_counter() - t0,
+        total_params=st.total_params,
+        trainable_params=st.trainable_params,
+        quant_state_bytes=st.quant_state,
+        buffer_bytes=st.buffers,
+        host_optim_bytes=st.optim_host,
+        optim_step_temp_bytes=st.optim_step_temp,
+        short_layers=layers_info,
+        notes=tuple(notes),
+    )
+
+
+class EstimateError(ConfigError):
+    """The configuration cannot be estimated (its training step fails, or the model is not supported)."""
+
+
+def _timeline(
+    cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd0: int, bwd1: int, offload: bool
+) -> list[PhaseEstimate]:
+    """Phase entries of step 0 and step 1 (see the module docstring for what ``total`` means).
+
+    ``fwd0`` is the forward's peak of non-parameter memory; ``bwd0`` the backward's when it creates the gradients
+    (the first micro-step of a step), ``bwd1`` when it adds into existing ones (later micro-steps).
+    """
+    acc = cfg["train"]["accumulate_grad_batches"]
+    resident = st.params + st.quant_state + st.buffers
+    params, grads, optim, optim_dev = st.params, st.grads, st.optim, st.optim_device
+    if offload:
+        # ZeRO-2 offload: gradients are reduced into host buffers bucket by bucket (``p.grad`` stays None); the
+        # GPU holds one bucket (Lightning's default reduce_bucket_size of 2e8 elements) in the parameter dtype.
+        # The optimizer's state is in host memory, reported apart (``host_optim_bytes``): the phases show the GPU.
+        grads_dev = min(grads, int(2e8) * 2)
+        grads = optim = optim_dev = 0
+    else:
+        grads_dev = grads
+    out: list[PhaseEstimate] = []
+    for step in (0, 1):
+        o, o_dev = (optim, optim_dev) if step else (0, 0)
+        g_before = grads if acc > 1 else 0  # the last micro-step of an accumulation window starts with gradients
+        g_before_dev = grads_dev if acc > 1 else 0
+        # before_fwd: the interval starts at the previous boundary (after_opt_step of the previous step, with
+        # gradients not yet zeroed; or after_bwd of the previous micro-step).
+        prev = resident if step == 0 else resident + grads_dev + optim_dev
+        if acc > 1:
+            prev = max(prev, resident + grads_dev + o_dev)
+        before = PhaseEstimate("before_fwd", step, params, g_before, o, 0, max(prev, resident + g_before_dev + o_dev))
+        after_fwd = PhaseEstimate("after_fwd", step, params, g_before, o, acts, resident + o_dev + fwd0 + g_before_dev)
+        # Gradients leave an offloading GPU bucket by bucket: they never accumulate there.
+        bwd_total = resident + grads_dev + bwd1 if offload else resident + o_dev + bwd0
+        if acc > 1 and not offload:
+            bwd_total = max(bwd_total, resident + o_dev + grads_dev + bwd1)
+        after_bwd = PhaseEstimate("after_bwd", step, params, grads, o, 0, bwd_total)
+        opt_total = resident + grads_dev + optim_dev + (0 if offload else st.optim_step_temp)
+        after_opt = PhaseEstimate("after_opt_step", step, params, grads, optim, 0, opt_total)
+        out += [before, after_fwd, after_bwd, after_opt]
+    return out

@@ -1,0 +1,76 @@
+"""``blipmon estimate``: the fixed ``--json`` object, the human table, and exit 2 with a message for bad input.
+
+Commands run through ``blipmon.cli.main`` in this process (the same dispatch a shell gets, without paying for a
+second interpreter's imports); the GPU is hidden so a GPU configuration means the same on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blipmon import cli
+from blipmon.estimate import timeline
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timeline, "_local_gpu_bytes", lambda: None)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["estimate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_object_for_a_cpu_run(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "tiny/blip2-opt", "--set", "train.batch_size=4", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert set(data) == {"gpu_memory_bytes", "phases", "peak_bytes", "peak_phase", "verdict", "seconds"}
+    assert data["verdict"] in ("fits", "oom")
+    assert len(data["phases"]) == 8 and {p["step"] for p in data["phases"]} == {0, 1}
+    assert data["gpu_memory_bytes"] > 0  # host memory: a CPU run is judged against it
+    assert data["peak_phase"] in {p["phase"] for p in data["phases"]}
+
+
+def test_gpu_memory_makes_it_a_gpu_estimate_and_can_say_oom(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "tiny/blip2-opt", "--gpu-memory", "1MiB", "--json")
+    assert code == 0  # an estimate was made: the verdict is data, not an error
+    data = json.loads(out)
+    assert data["gpu_memory_bytes"] == 1024**2
+    assert data["verdict"] == "oom"
+
+
+def test_human_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "tiny/blip2-t5", "--gpu-memory", "24GB")
+    assert code == 0
+    assert "after_opt_step" in out and "<- peak" in out
+    assert "verdict  FITS" in out
+
+
+def test_gpu_config_without_gpu_memory_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "h100/baseline")
+    assert code == 2 and out == ""
+    assert "--gpu-memory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("size", ["80XB", "lots", "-3GiB", "0"])
+def test_bad_size_is_a_usage_error(capsys: pytest.CaptureFixture[str], size: str) -> None:
+    code, _, err = run(capsys, "tiny/blip2-opt", f"--gpu-memory={size}")
+    assert code == 2
+    assert "--gpu-memory" in err
+
+
+def test_bad_config_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "tiny/blip2-opt", "--set", "train.optim=adam")
+    assert code == 2 and "train.optim" in err
+    code, _, err = run(capsys, "no/such-preset")
+    assert code == 2 and "neither a preset" in err
+
+
+def test_load_jobs_are_refused_with_a_pointer(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "tiny/blip2-opt", "--set", "job.kind=load")
+    assert code == 2 and "blipmon models" in err
