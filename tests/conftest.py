@@ -58,6 +58,7 @@ def subprocess_env(cache: Path, *, gpu: bool = False, **extra: str) -> dict[str,
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        BLIPMON_PREDICT="0",  # the estimate has tests of its own; runs here measure, they don't predict
     )
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -70,6 +71,7 @@ def blipmon_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("blipmon-cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("BLIPMON_CACHE", str(path))
+    mp.setenv("BLIPMON_PREDICT", "0")
     yield path
     mp.undo()
 

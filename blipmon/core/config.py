@@ -97,6 +97,7 @@ SCHEMA: dict[str, Field] = {
     "runtime.alloc_conf": Field((str,), ""),
     "runtime.sample_hz": Field((float, int), 10.0, minimum=0, exclusive_minimum=True),
     "runtime.probes": Field((bool,), True, help="per-phase attribution; off only to measure its cost"),
+    "runtime.predict": Field((bool,), True, help="save the memory estimate when the run starts"),
     "runtime.seed": Field((int,), 0, minimum=0),
 }
 

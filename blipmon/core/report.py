@@ -76,11 +76,19 @@ def compare_rows(runs: list[RunData]) -> list[Row]:
         Row("steps", [len(r.steps) for r in runs], "count"),
         Row("load time", [r.load.get("seconds") if r.load else None for r in runs], "seconds", "lower"),
         Row("out of memory at", [oom_where(r) for r in runs], "text"),
+        Row("predicted peak", [_pred(r, "peak_bytes") for r in runs], "bytes"),
+        Row("predicted peak phase", [_pred(r, "peak_phase") or "" for r in runs], "text"),
+        Row("predicted verdict", [_pred(r, "verdict") or "" for r in runs], "text"),
     ]
     if any(len(ranks_of(r)) > 1 for r in runs):
         rows.insert(2, Row("ranks", [len(ranks_of(r)) for r in runs], "count"))
         rows.insert(3, Row("peak phase total, max over ranks", [_max_rank_total(r) for r in runs], "bytes", "lower"))
     return rows
+
+
+def _pred(run: RunData, key: str) -> Any:
+    """A field of the estimate the run saved when it started (data only; None when it saved none)."""
+    return run.prediction.get(key) if isinstance(run.prediction, dict) else None
 
 
 def ranks_of(run: RunData) -> list[int]:
@@ -207,7 +215,9 @@ def render_show(run: RunData) -> str:
             f"{t.get('precision')}, {t.get('optim')}{ckpt}{lora}{qlora}"
         )
         if run.plan.get("trainable_params") is not None:
-            lines.append(f"params   {run.plan['trainable_params']:,} trainable of {run.plan.get('total_params') or 0:,}")
+            lines.append(
+                f"params   {run.plan['trainable_params']:,} trainable of {run.plan.get('total_params') or 0:,}"
+            )
     else:
         lines.append(f"job      {cfg.get('job', {}).get('kind', '?')}")
     if run.load:

@@ -143,6 +143,15 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
             emit("environment", **environment(cuda))
         sampler = Sampler(emit, cfg["runtime"]["sample_hz"], cuda=cuda, cuda_device=dist.local_rank, rank=dist.rank)
         sampler.start()
+        # BLIPMON_PREDICT=0 turns the estimate off for a whole session (the test suite uses it).
+        predict = cfg["runtime"]["predict"] and os.environ.get("BLIPMON_PREDICT", "1") != "0"
+        if dist.main and predict and cfg["job"]["kind"] == "train":
+            from blipmon.estimate import predict_for_run
+
+            print("[blipmon] estimating memory before loading (runtime.predict = false skips it) ...", flush=True)
+            prediction = predict_for_run(cfg)  # never raises; None when no estimate can be made
+            if prediction is not None:
+                emit("prediction", **prediction)
         print(f"[blipmon] loading {cfg['model']['id']} ...", flush=True)
         loaded = load_model(cfg, cuda=cuda, cuda_index=dist.local_rank)
         place = placement(loaded.model)

@@ -22,7 +22,7 @@ from blipmon.runner.models import LoadedModel
 from blipmon.runner.probes import NullProbe, PhaseProbe, track_checkpoint_inputs
 
 LORA_TARGETS = {
-    "blip2-decoder": r".*language_model.*\.(q_proj|v_proj)",
+    "blip2-decoder": r".*language_model.*\.(q_proj|v_proj|query_key_value)",  # OPT; BLOOM (mBLIP) fuses q/k/v
     "blip2-encdec": r".*language_model.*\.(q|v)",
     "blip-vqa": ["query", "value"],
 }
