@@ -4,7 +4,7 @@ Left: every preset under its group (tiny, h100, a100, load, train), then the run
 ``./profiles``, newest first, with status and peak. Right: the selected configuration, every
 setting editable and validated as you type by the same code as a TOML file (``config.validate``),
 errors shown next to the field. ``r`` runs it; ``space`` marks runs, ``c`` compares them, ``d``
-deletes one after asking. The estimate panel below the settings is a placeholder for now.
+deletes one after asking. The estimate panel below the settings predicts the peak and the verdict.
 """
 
 from __future__ import annotations

@@ -425,3 +425,22 @@ def test_launcher_run_key_launches_and_shows_the_live_view(
         assert isinstance(pilot.app.screen, LauncherScreen)
 
     drive(launcher_app, script, size=(100, 40))
+
+
+def test_launcher_shows_the_estimate_of_the_selected_configuration(
+    launcher_app: BlipmonApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BLIPMON_PREDICT", "1")
+
+    async def script(pilot: Any) -> None:
+        await pilot.press("e")
+        inp = pilot.app.screen.query_one("#set-train--batch_size", Input)
+        inp.value = "2"  # a fresh valid configuration: the panel estimates it in a worker thread
+        for _ in range(600):
+            await pilot.pause(0.1)
+            text = screen_text(pilot.app)
+            if "FITS" in text or "OUT OF MEMORY" in text or "not available" in text:
+                break
+        assert "estimate: FITS" in text or "estimate: OUT OF MEMORY" in text, text
+
+    drive(launcher_app, script, size=(120, 40))

@@ -1,24 +1,63 @@
-"""Where the launcher's memory estimate goes (the estimator lands in a later change).
+"""The launcher's memory estimate for the selected configuration, computed off the UI thread.
 
-The launcher calls ``EstimatePanel.show_config(cfg)`` with every valid configuration the user
-edits; the estimator only has to fill ``estimate_text`` (or replace this widget). Until then it
-says plainly that there is no estimate, rather than showing a made-up number.
+An estimate takes a few seconds (a fake-tensor training step), so it runs in a thread worker; a
+newer configuration cancels the older one, and the panel says "estimating" meanwhile. A GPU
+configuration on a machine without a GPU is judged against an 80 GiB card, the seed lab's, and
+the panel says so.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from textual import work
 from textual.widgets import Static
+
+from blipmon.core.units import GIB, fmt_bytes
+
+LAB_CARD = 80 * GIB
 
 
 def estimate_text(cfg: dict[str, Any] | None) -> str:
-    """The panel's text for a configuration; the hook the estimator will fill in."""
+    """What the panel shows before (or instead of) an estimate."""
     if cfg is None:
         return "estimate: fix the settings above first"
-    return "estimate: predicted per-phase memory is not available in this version yet"
+    if cfg["job"]["kind"] != "train":
+        return "estimate: for training jobs (see `blipmon models` for a model's load size)"
+    if os.environ.get("BLIPMON_PREDICT", "1") == "0":
+        return "estimate: off (BLIPMON_PREDICT=0)"
+    return "estimate: estimating…"
+
+
+def describe(est: Any, assumed_card: bool) -> str:
+    data = est.to_json()
+    cap = data["gpu_memory_bytes"]
+    where = "an 80 GiB card (no GPU here)" if assumed_card else fmt_bytes(cap)
+    verdict = "FITS" if data["verdict"] == "fits" else "OUT OF MEMORY"
+    return (
+        f"estimate: {verdict} — peak {fmt_bytes(data['peak_bytes'])} at step {est.peak_step} {data['peak_phase']} "
+        f"against {where} ({data['seconds']:.1f} s)"
+    )
 
 
 class EstimatePanel(Static):
     def show_config(self, cfg: dict[str, Any] | None) -> None:
-        self.update(estimate_text(cfg))
+        text = estimate_text(cfg)
+        self.update(text)
+        if cfg is not None and text.endswith("estimating…"):
+            self._estimate(cfg)
+
+    @work(thread=True, exclusive=True, group="estimate")
+    def _estimate(self, cfg: dict[str, Any]) -> None:
+        from blipmon.estimate import estimate
+
+        try:
+            try:
+                est, assumed = estimate(cfg), False
+            except Exception:  # a GPU configuration with no GPU here: judge it against the lab's card
+                est, assumed = estimate(cfg, capacity_bytes=LAB_CARD, device="cuda"), True
+            text = describe(est, assumed)
+        except Exception as e:  # the estimate hits the same error the run would: say so, never crash
+            text = f"estimate: not available ({str(e).splitlines()[0][:160]})"
+        self.app.call_from_thread(self.update, text)
