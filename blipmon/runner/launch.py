@@ -64,7 +64,7 @@ def needs_gpu(cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
+def preflight(cfg: dict[str, Any], *, cuda: bool | None = None, bf16: bool | None = None) -> None:
     """Everything that can be refused before a child starts and a model loads (exit 2)."""
     t = cfg["train"]
     is_train = cfg["job"]["kind"] == "train"
@@ -95,6 +95,9 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None) -> None:
                 "To run it on the CPU instead: --set model.device_map=cpu"
             )
     _check_model_source(cfg)
+    _check_bf16(cfg, cuda, bf16)
+    if isinstance(cfg["model"]["device_map"], dict):
+        _check_device_map_modules(cfg)
     if is_train and cfg["data"]["source"] != "synthetic":
         from blipmon.runner.data import read_metadata
 
@@ -117,6 +120,48 @@ def _check_model_source(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"model.id = {mid!r}: a local path without config.json")
         return
     # A hub id: transformers resolves it (from the cache, or the network where there is one).
+
+
+def _check_bf16(cfg: dict[str, Any], cuda: bool | None, bf16: bool | None) -> None:
+    """bfloat16 on a GPU that has none (before Ampere) fails deep inside the first step: refuse it here."""
+    wants = cfg["train"]["precision"].startswith("bf16") if cfg["job"]["kind"] == "train" else False
+    wants = wants or cfg["model"]["dtype"] == "bfloat16"
+    if not wants or cfg["model"]["device_map"] == "cpu":
+        return
+    if cuda is None and bf16 is None:
+        if not cuda_available():
+            return  # bfloat16 runs on the CPU
+        import torch
+
+        bf16 = bool(torch.cuda.is_bf16_supported())
+    elif cuda is False:
+        return
+    if bf16 is False:
+        raise ConfigError(
+            f"train.precision = {cfg['train']['precision']!r} / model.dtype = {cfg['model']['dtype']!r}: this GPU "
+            "has no bfloat16 support; use '16-mixed' (fp16 with a gradient scaler) or '32-true'"
+        )
+
+
+def _check_device_map_modules(cfg: dict[str, Any]) -> None:
+    """Every module an explicit device map names must exist in the model (checked on the meta device)."""
+    from blipmon.architectures.catalog import meta_model
+    from blipmon.runner.models import architecture, resolve_source
+
+    source, weights = resolve_source(cfg)
+    try:
+        arch = architecture(source, weights, bool(cfg["model"]["trust_remote_code"]))
+    except Exception:  # the architecture is not available offline: transformers will say so at load time
+        return
+    model = meta_model(arch)
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    missing = [k for k in cfg["model"]["device_map"] if k not in names and k != ""]
+    if missing:
+        top = sorted({n.split(".")[0] for n in names if n})
+        raise ConfigError(
+            f"model.device_map names {', '.join(map(repr, missing))}, which {cfg['model']['id']} does not have; "
+            f"its top-level modules are: {', '.join(top)}"
+        )
 
 
 class Launch:
