@@ -155,7 +155,7 @@ def test_a_watch_profile_has_a_valid_summary_without_phases(tree_run: dict[str, 
     assert shown.returncode == 0, shown.stderr
     summary = json.loads(shown.stdout)
     assert summary["phases"] == [] and summary["steps"] == [] and summary["load"] is None
-    assert summary["name"] == "watch/python"
+    assert summary["name"] == f"watch/{Path(sys.executable).name}"  # python, python3, python3.11...
     assert summary["config"]["runtime"]["sample_hz"] == 10.0
     assert set(summary["environment"]) >= {"device", "gpu_name", "gpu_total_bytes", "host_total_bytes", "world_size"}
     assert summary["peaks"]["allocated"] is None  # no allocator from outside the process
