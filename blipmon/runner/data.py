@@ -52,7 +52,10 @@ class SyntheticCaptions(Dataset[dict[str, torch.Tensor]]):
                 "attention_mask": torch.ones_like(text),
                 "labels": answer,
             }
-        # BLIP-2: the processor puts num_query_tokens image placeholders before the text.
+        return self._blip2_item(pixels, text)
+
+    def _blip2_item(self, pixels: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BLIP-2: the processor puts num_query_tokens image placeholders before the text."""
         image = torch.full((self.num_query,), int(self.image_token), dtype=torch.long)
         ids = torch.cat([image, text])
         item = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -159,17 +162,7 @@ class ImageFolderCaptions(SyntheticCaptions):
             q = self._tok(rec.get("question", rec.get("text", "")), self.max_length)
             a = self._tok(rec.get("answer", ""), self.answer_length)
             return {"pixel_values": pixels, "input_ids": q, "attention_mask": (q != 0).long(), "labels": a}
-        text = self._tok(rec.get("text", rec.get("question", "")), self.max_length)
-        image = torch.full((self.num_query,), int(self.image_token), dtype=torch.long)
-        ids = torch.cat([image, text])
-        item = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if self.family == "blip2-decoder":
-            labels = ids.clone()
-            labels[: self.num_query] = -100
-            item["labels"] = labels
-        else:
-            item["labels"] = text.clone()
-        return item
+        return self._blip2_item(pixels, self._tok(rec.get("text", rec.get("question", "")), self.max_length))
 
 
 def load_processor(source: str) -> Any:

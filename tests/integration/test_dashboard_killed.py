@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests_support import read_events_safe
+from conftest import read_events as read_events_safe
 
 from blipmon.core.run import load_run
 
