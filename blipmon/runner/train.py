@@ -77,6 +77,24 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    if getattr(getattr(model, "config", None), "model_type", "") == "blip":
+        _drop_input_require_grads_hooks(model)
+
+
+def _drop_input_require_grads_hooks(model: Any) -> int:
+    """Remove the "make inputs require grad" forward hooks that transformers and peft install.
+
+    BLIP's text embeddings add position embeddings in place; a word-embedding output forced to
+    require grad is a leaf, and the in-place add then fails. Non-reentrant checkpointing does not
+    need the inputs to require grad, so for BLIP the hooks (registered once per wrapper) go.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                del module._forward_hooks[key]
+                removed += 1
+    return removed
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:

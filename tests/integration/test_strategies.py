@@ -139,3 +139,10 @@ def test_image_folder_dataset(tmp_path: Path) -> None:
             fh.write(json.dumps({"file_name": f"{i}.png", "question": "what is it?", "answer": "food"}) + "\n")
     run = run_inprocess(tmp_path, "tiny/blip-vqa", f"data.source={json.dumps(str(folder))}", "train.batch_size=2")
     assert len(run.steps) == 3  # five images in batches of two, one epoch
+
+
+@pytest.mark.parametrize("peft", ["train.lora.enabled=true", "train.qlora=true"])
+def test_blip_vqa_with_activation_checkpointing_and_adapters(tmp_path: Path, peft: str) -> None:
+    # BLIP's in-place position-embedding add used to fail on a leaf forced to require grad.
+    run = run_inprocess(tmp_path, "tiny/blip-vqa", "train.act_ckpt=true", peft)
+    assert phase(run, "after_bwd")["grads"] > 0 and phase(run, "after_bwd")["acts"] == 0

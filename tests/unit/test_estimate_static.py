@@ -210,10 +210,10 @@ def test_target_device_and_capacity_rules(monkeypatch: pytest.MonkeyPatch) -> No
     assert timeline.capacity("cpu", None)[1] == "available host memory"
 
 
-def test_training_step_that_cannot_run_is_a_clear_error() -> None:
+def test_blip_vqa_with_lora_and_checkpointing_estimates() -> None:
+    # It used to fail in the runner and the estimator alike (an in-place add on a leaf); both share the fix.
     cfg = config.resolve("tiny/blip-vqa", ["train.lora.enabled=true", "train.act_ckpt=true"])
-    with pytest.raises(timeline.EstimateError, match="in-place"):
-        timeline.estimate(cfg, device="cpu")
+    assert timeline.estimate(cfg, device="cpu").to_json()["verdict"] in ("fits", "oom")
 
 
 def test_predicted_vs_measured_pairs_last_micro_step_and_peaks() -> None:
