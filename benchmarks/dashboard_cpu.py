@@ -73,6 +73,32 @@ def drain(fd: int, stop: threading.Event) -> None:
                 return
 
 
+def attach_in_pty(run: Path, cols: int, rows: int) -> tuple[int, int, threading.Event]:
+    """``blipmon attach RUN`` in a real pseudo-terminal of the given size, its output drained."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the dashboard, in a real terminal
+        os.environ["TERM"] = "xterm-256color"
+        os.execvp(sys.executable, [sys.executable, "-m", "blipmon", "attach", str(run)])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    stop = threading.Event()
+    threading.Thread(target=drain, args=(fd, stop), daemon=True).start()
+    return pid, fd, stop
+
+
+def close_pty(pid: int, fd: int, stop: threading.Event, writer: subprocess.Popen[bytes]) -> None:
+    """Leave the dashboard with ``q`` (kill it if it lingers) and end the writer."""
+    os.write(fd, b"q")
+    time.sleep(1.0)
+    stop.set()
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    writer.kill()
+    writer.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -87,13 +113,7 @@ def main() -> int:
         (run / "config.json").write_text(json.dumps({"name": "bench/live"}))
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run)])
         time.sleep(1.0)
-        pid, fd = pty.fork()
-        if pid == 0:  # the dashboard, in a real terminal
-            os.environ["TERM"] = "xterm-256color"
-            os.execvp(sys.executable, [sys.executable, "-m", "blipmon", "attach", str(run)])
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        stop = threading.Event()
-        threading.Thread(target=drain, args=(fd, stop), daemon=True).start()
+        pid, fd, stop = attach_in_pty(run, cols, rows)
         proc = psutil.Process(pid)
         try:
             time.sleep(args.warmup)
@@ -101,16 +121,7 @@ def main() -> int:
             time.sleep(args.seconds)
             c1, w1 = proc.cpu_times(), time.monotonic()
         finally:
-            os.write(fd, b"q")
-            time.sleep(1.0)
-            stop.set()
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            writer.kill()
-            writer.wait()
+            close_pty(pid, fd, stop, writer)
         used = (c1.user - c0.user) + (c1.system - c0.system)
         print(f"dashboard following a live run, {cols}x{rows}, default refresh, {args.seconds:.0f} s window:")
         print(f"  CPU {used:.2f} s over {w1 - w0:.1f} s wall = {100 * used / (w1 - w0):.1f}% of one core (goal <= 10%)")

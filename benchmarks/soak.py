@@ -13,23 +13,17 @@ than with data) shows as growth that keeps going once the data stops.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
-import pty
-import struct
 import subprocess
 import sys
 import tempfile
-import termios
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dashboard_cpu import drain  # noqa: E402 - a sibling benchmark's helper
+from dashboard_cpu import attach_in_pty, close_pty  # noqa: E402 - a sibling benchmark's helpers
 
 WRITER = r"""
 import json, sys, time
@@ -88,13 +82,7 @@ def main() -> int:
         events = run / "events.jsonl"
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run), str(total), str(args.hz), str(args.rate)])
         time.sleep(0.5)
-        pid, fd = pty.fork()
-        if pid == 0:
-            os.environ["TERM"] = "xterm-256color"
-            os.execvp(sys.executable, [sys.executable, "-m", "blipmon", "attach", str(run)])
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        stop = threading.Event()
-        threading.Thread(target=drain, args=(fd, stop), daemon=True).start()
+        pid, fd, stop = attach_in_pty(run, cols, rows)
         proc = psutil.Process(pid)
         t0 = time.monotonic()
         written_done_at: float | None = None
@@ -109,16 +97,7 @@ def main() -> int:
                 if written_done_at is not None and time.monotonic() - written_done_at > args.settle:
                     break
         finally:
-            os.write(fd, b"q")
-            time.sleep(1.0)
-            stop.set()
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            writer.kill()
-            writer.wait()
+            close_pty(pid, fd, stop, writer)
         size_mb = events.stat().st_size / 1e6
     first = readings[0]
     at_end = next((r for r in readings if r[1] >= total), readings[-1])

@@ -530,23 +530,14 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
 
 def _note_checkpoint_inputs(model: Any, tracker: Any, live: _Live) -> None:
     """``probes.track_checkpoint_inputs``, with the noted inputs also marked as saved storages in ``live``."""
-    for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if func is None or getattr(func, "_blipmon_wrapped", False):
-            continue
+    from blipmon.runner.probes import track_checkpoint_inputs
 
-        def noting(*args: Any, __func: Any = func, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled():
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        tracker.note(a)
-                        rec = live.see(a)
-                        if rec.kind == "temp":
-                            rec.kind = "saved"
-            return __func(*args, **kwargs)
+    def mark_saved(t: torch.Tensor) -> None:
+        rec = live.see(t)
+        if rec.kind == "temp":
+            rec.kind = "saved"
 
-        noting._blipmon_wrapped = True  # type: ignore[attr-defined]
-        module._gradient_checkpointing_func = noting
+    track_checkpoint_inputs(model, tracker, on_note=mark_saved)
 
 
 def _unique_bytes(tensors: Any, exclude: set[int]) -> int:

@@ -117,13 +117,16 @@ class SavedTensorTracker:
         self._refs = live
 
 
-def track_checkpoint_inputs(model: Any, tracker: SavedTensorTracker) -> int:
+def track_checkpoint_inputs(
+    model: Any, tracker: SavedTensorTracker, on_note: Callable[[torch.Tensor], None] | None = None
+) -> int:
     """Make activation checkpointing's kept inputs visible to the saved-tensor count.
 
     Non-reentrant checkpointing hides a layer's saved tensors behind its own hooks and keeps only
     the layer's inputs until backward recomputes it. Those inputs are exactly the activations
-    checkpointing still costs, so each module's checkpoint function is wrapped to note them.
-    Returns the number of modules wrapped.
+    checkpointing still costs, so each module's checkpoint function is wrapped to note them
+    (``on_note`` also sees each one: the estimator marks them in its own ledger). Returns the number
+    of modules wrapped.
     """
     wrapped = 0
     for module in model.modules():
@@ -136,6 +139,8 @@ def track_checkpoint_inputs(model: Any, tracker: SavedTensorTracker) -> int:
                 for a in args:
                     if isinstance(a, torch.Tensor):
                         tracker.note(a)
+                        if on_note is not None:
+                            on_note(a)
             return __func(*args, **kwargs)
 
         noting._blipmon_wrapped = True  # type: ignore[attr-defined]

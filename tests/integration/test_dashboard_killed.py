@@ -27,7 +27,10 @@ PATIENCE = 240.0
 
 
 def read_events_safe(path: Path) -> list[dict]:
-    """The complete, parseable records of a profile that may be half-written."""
+    """The complete, parseable records of a profile that may be half-written.
+
+    conftest.read_events does the same, but "conftest" is ambiguous once tests/ui/conftest.py is loaded.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
