@@ -80,10 +80,31 @@ def compare_rows(runs: list[RunData]) -> list[Row]:
         Row("predicted peak phase", [_pred(r, "peak_phase") or "" for r in runs], "text"),
         Row("predicted verdict", [_pred(r, "verdict") or "" for r in runs], "text"),
     ]
+    if any("optim_host" in p for r in runs for p in r.phases[-4:]):
+        i = next(i for i, row in enumerate(rows) if row.label == "acts @ peak phase") + 1
+        rows.insert(i, Row("optim on host @ peak phase", [_host(pp, "optim_host") for pp in peak_phases], "bytes"))
+        rows.insert(i + 1, Row("grads on host @ peak phase", [_host(pp, "grads_host") for pp in peak_phases], "bytes"))
     if any(len(ranks_of(r)) > 1 for r in runs):
         rows.insert(2, Row("ranks", [len(ranks_of(r)) for r in runs], "count"))
         rows.insert(3, Row("peak phase total, max over ranks", [_max_rank_total(r) for r in runs], "bytes", "lower"))
     return rows
+
+
+def _host(phase: dict[str, Any] | None, key: str) -> int | None:
+    return phase.get(key) if phase else None
+
+
+def _offload_line(run: RunData) -> list[str]:
+    """The lab's "Optim CPU" beside "Optim GPU": where an offloading strategy put the optimizer and gradients."""
+    last = next((p for p in reversed(run.phases) if "optim_host" in p), None)
+    if last is None:
+        return []
+    host_o, host_g = last.get("optim_host") or 0, last.get("grads_host") or 0
+    dev_o, dev_g = (last.get("optim") or 0) - host_o, (last.get("grads") or 0) - host_g
+    return [
+        f"offload  at the last phase: optimizer state {fmt_bytes(host_o)} on the host, {fmt_bytes(dev_o)} on the device;"
+        f" gradients {fmt_bytes(host_g)} on the host, {fmt_bytes(dev_g)} on the device"
+    ]
 
 
 def _pred(run: RunData, key: str) -> Any:
@@ -226,6 +247,7 @@ def render_show(run: RunData) -> str:
             f"load     {fmt_seconds(run.load.get('seconds'))}, parameters {fmt_bytes(run.load.get('params_bytes'))} ({place})"
         )
     lines.extend(_phase_table(run))
+    lines.extend(_offload_line(run))
     lines.extend(_rank_table(run))
     if run.steps:
         last = run.steps[-1]

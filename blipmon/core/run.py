@@ -199,6 +199,9 @@ def _clean_fields(ev: dict[str, Any], types: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_OFFLOAD_INTS = ("grads_host", "optim_host")
+
+
 def _clean_phase(ev: dict[str, Any]) -> dict[str, Any] | None:
     if ev.get("phase") not in PHASES:
         return None
@@ -208,6 +211,9 @@ def _clean_phase(ev: dict[str, Any]) -> dict[str, Any] | None:
     if out["step"] is None or out["micro_step"] is None:
         return None
     out["t"] = _num(ev.get("t"))
+    for key in _OFFLOAD_INTS:  # only where a strategy offloads (DeepSpeed): absent means "not split"
+        if key in ev:
+            out[key] = _int(ev[key])
     return out
 
 

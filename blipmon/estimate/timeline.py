@@ -314,7 +314,7 @@ def estimate(
     acts, fwd0, bwd0 = prof.extrapolate(extra, grads_exist=False)
     _a, _f, bwd1 = prof.extrapolate(extra, grads_exist=True)
     offload = cfg["train"]["strategy"] == "deepspeed_stage_2_offload"
-    phases = _timeline(cfg, st, acts, fwd0, bwd0, bwd1, offload)
+    phases = _timeline(cfg, st, acts, fwd0, bwd0, bwd1, offload, on_host=dev != "cuda")
     if offload:
         notes.append("DeepSpeed ZeRO-2 offload: gradients and optimizer state are in host RAM; GPU gradient buckets")
     if cfg["train"]["precision"] == "16-mixed":
@@ -353,7 +353,7 @@ class EstimateError(ConfigError):
 
 
 def _timeline(
-    cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd0: int, bwd1: int, offload: bool
+    cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd0: int, bwd1: int, offload: bool, *, on_host: bool = False
 ) -> list[PhaseEstimate]:
     """Phase entries of step 0 and step 1 (see the module docstring for what ``total`` means).
 
@@ -363,6 +363,8 @@ def _timeline(
     acc = cfg["train"]["accumulate_grad_batches"]
     resident = st.params + st.quant_state + st.buffers
     params, grads, optim, optim_dev = st.params, st.grads, st.optim, st.optim_device
+    if offload and on_host:
+        return _offload_on_host(cfg, st, acts, fwd0, bwd0)
     if offload:
         # ZeRO-2 offload: gradients are reduced into host buffers bucket by bucket (``p.grad`` stays None); the
         # GPU holds one bucket (Lightning's default reduce_bucket_size of 2e8 elements) in the parameter dtype.
@@ -391,4 +393,28 @@ def _timeline(
         opt_total = resident + grads_dev + optim_dev + (0 if offload else st.optim_step_temp)
         after_opt = PhaseEstimate("after_opt_step", step, params, grads, optim, 0, opt_total)
         out += [before, after_fwd, after_bwd, after_opt]
+    return out
+
+
+def _offload_on_host(cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd0: int) -> list[PhaseEstimate]:
+    """ZeRO-2 offload when the "device" is the host itself: everything DeepSpeed offloads is in the phases.
+
+    DeepSpeed allocates the fp32 master partition and its gradient when it starts (4 bytes per trainable
+    parameter each), a host gradient accumulator on the first backward when accumulating, and Adam's two
+    fp32 moments at the first optimizer step (``blipmon.runner.zero_offload`` counts the same tensors).
+    """
+    n = st.trainable_params
+    acc = cfg["train"]["accumulate_grad_batches"]
+    resident = st.params + st.quant_state + st.buffers
+    grads = 4 * n + (4 * n if acc > 1 else 0)
+    out: list[PhaseEstimate] = []
+    for step in (0, 1):
+        optim = 4 * n if step == 0 else 12 * n
+        base = resident + grads + optim
+        out += [
+            PhaseEstimate("before_fwd", step, st.params, grads, optim, 0, base),
+            PhaseEstimate("after_fwd", step, st.params, grads, optim, acts, base + fwd0),
+            PhaseEstimate("after_bwd", step, st.params, grads, optim, 0, base + bwd0),
+            PhaseEstimate("after_opt_step", step, st.params, grads, 12 * n, 0, resident + grads + 12 * n),
+        ]
     return out

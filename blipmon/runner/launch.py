@@ -75,9 +75,12 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None, bf16: bool | Non
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 "train.strategy = 'deepspeed_stage_2_offload' needs DeepSpeed, which is not installed: "
-                "pip install 'blipmon[deepspeed]' (it also needs an NVIDIA GPU)"
+                "pip install 'blipmon[deepspeed]'"
             )
-        unavailable.append("DeepSpeed ZeRO-2 offload (train.strategy = 'deepspeed_stage_2_offload')")
+        if t["devices"] > 1:
+            unavailable.append(
+                "DeepSpeed ZeRO-2 offload with train.devices > 1 (one rank offloads; use ddp for several)"
+            )
     if t["devices"] > 1 and cfg["job"]["kind"] != "train":
         unavailable.append(f"train.devices = {t['devices']} for a {cfg['job']['kind']} job (several ranks train only)")
     if unavailable:

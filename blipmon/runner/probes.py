@@ -9,6 +9,7 @@ never counted twice, and a quantized weight counts at its real packed size.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -165,8 +166,18 @@ class PhaseProbe:
         rank: int = 0,
         cuda: bool = False,
         cuda_device: int | None = None,
+        extra_grads: Callable[[], Iterable[torch.Tensor]] | None = None,
+        optim_state: Callable[[], Iterable[torch.Tensor]] | None = None,
+        host_split: bool = False,
     ) -> None:
+        """``extra_grads``/``optim_state`` say where gradients and optimizer memory live when a strategy
+        (DeepSpeed ZeRO) keeps them outside ``.grad`` and ``optimizer.state``; ``host_split`` adds the
+        bytes of each that sit in host RAM (``grads_host``, ``optim_host``), as the lab's offload row prints.
+        """
         self.model = model
+        self._extra_grads = extra_grads
+        self._optim_state = optim_state or (lambda: optimizer_tensors(self.optimizer))
+        self.host_split = host_split
         self.emit = emit
         self.optimizer = optimizer
         self.rank = rank
@@ -203,9 +214,12 @@ class PhaseProbe:
 
     def measure(self) -> dict[str, int | None]:
         count = self._counter.count
-        g_total, g_cuda = count(p.grad for p in self._params if p.grad is not None)
+        grads: Iterable[torch.Tensor] = (p.grad for p in self._params if p.grad is not None)
+        if self._extra_grads is not None:
+            grads = itertools.chain(grads, self._extra_grads())
+        g_total, g_cuda = count(grads)
         if self._optim_dirty or not self._optim_hooked:
-            self._optim_bytes = count(optimizer_tensors(self.optimizer))
+            self._optim_bytes = count(self._optim_state())
             self._optim_dirty = False
         o_total, o_cuda = self._optim_bytes
         a_total, a_cuda = count(self.saved.alive(), exclude=self._param_keys)
@@ -220,6 +234,9 @@ class PhaseProbe:
             "reserved": None,
             "host_rss": self._proc.memory_info().rss,
         }
+        if self.host_split:
+            rec["grads_host"] = g_total - g_cuda
+            rec["optim_host"] = o_total - o_cuda
         if self.cuda:
             dev = self.cuda_device
             allocated = torch.cuda.memory_allocated(dev)

@@ -140,12 +140,22 @@ def run_train(
     gc.freeze()
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_params = sum(p.numel() for p in model.parameters())
-    if dist.multi:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[loaded.device.index] if loaded.device.type == "cuda" else None
-        )
-    optimizer = build_optimizer(t["optim"], trainable, t["lr"])
-    scaler = torch.amp.GradScaler(loaded.device.type) if t["precision"] == "16-mixed" else None
+    engine: Any = None
+    zero_opt: Any = None
+    if t["strategy"] == "deepspeed_stage_2_offload":
+        from blipmon.runner import zero_offload
+
+        emit("log", message="DeepSpeed ZeRO-2, optimizer offloaded to the host (first use builds its CPU Adam)")
+        engine, zero_opt = zero_offload.initialize(model, trainable, cfg, cuda=cuda)
+        model = engine
+        optimizer = zero_offload.inner_optimizer(zero_opt)
+    else:
+        if dist.multi:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[loaded.device.index] if loaded.device.type == "cuda" else None
+            )
+        optimizer = build_optimizer(t["optim"], trainable, t["lr"])
+    scaler = torch.amp.GradScaler(loaded.device.type) if t["precision"] == "16-mixed" and engine is None else None
 
     dataset = make_dataset(loaded.model.config, loaded.family, cfg, loaded.source)
     if len(dataset) < t["num_train_samples"]:  # a real folder smaller than asked for: an epoch is the folder
@@ -179,12 +189,27 @@ def run_train(
     probe: PhaseProbe | NullProbe
     if cfg["runtime"]["probes"]:
         cuda_dev = loaded.device.index if loaded.device.type == "cuda" else None
-        probe = PhaseProbe(model, emit, optimizer=optimizer, rank=dist.rank, cuda=cuda, cuda_device=cuda_dev)
+        if zero_opt is not None:
+            probe = PhaseProbe(
+                model,
+                emit,
+                optimizer=optimizer,
+                rank=dist.rank,
+                cuda=cuda,
+                cuda_device=cuda_dev,
+                extra_grads=lambda: zero_offload.grad_tensors(zero_opt),
+                optim_state=lambda: zero_offload.optim_tensors(zero_opt),
+                host_split=True,
+            )
+        else:
+            probe = PhaseProbe(model, emit, optimizer=optimizer, rank=dist.rank, cuda=cuda, cuda_device=cuda_dev)
         if t["act_ckpt"]:
             track_checkpoint_inputs(model, probe.saved)
     else:
         probe = NullProbe()
     float_dtype = torch.bfloat16 if t["precision"] == "bf16-true" else torch.float32
+    if engine is not None:  # DeepSpeed runs the whole model in its half dtype: inputs must match
+        float_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(t["precision"], float_dtype)
     acc = sched.accumulate
     step = 0
     for _epoch in range(t["max_epochs"]):
@@ -200,27 +225,41 @@ def run_train(
             probe.boundary("before_fwd", step, micro)
             batch = _to_device(batch, loaded.device, float_dtype)
             samples += int(batch["pixel_values"].shape[0])
-            with probe.saved.track(), _autocast(t["precision"], loaded.device):
-                out = model(**batch)
-            loss = out.loss / acc
+            boundary = micro + 1 >= acc or last_of_epoch
+            if engine is not None:  # DeepSpeed: its engine casts, scales by accumulation and knows the boundary
+                engine.set_gradient_accumulation_boundary(boundary)
+                with probe.saved.track():
+                    out = engine(**batch)
+                loss = out.loss
+            else:
+                with probe.saved.track(), _autocast(t["precision"], loaded.device):
+                    out = model(**batch)
+                loss = out.loss / acc
             del out
             probe.boundary("after_fwd", step, micro)
             cursor.phase = "backward"
-            (scaler.scale(loss) if scaler else loss).backward()
-            losses.append(float(loss.detach()) * acc)
+            if engine is not None:
+                engine.backward(loss)
+                losses.append(float(loss.detach()))
+            else:
+                (scaler.scale(loss) if scaler else loss).backward()
+                losses.append(float(loss.detach()) * acc)
             del loss, batch
             probe.boundary("after_bwd", step, micro)
             micro += 1
-            if micro < acc and not last_of_epoch:
+            if not boundary:
                 continue
             cursor.phase = "optimizer_step"
-            if scaler:
+            if engine is not None:
+                engine.step()
+            elif scaler:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             probe.boundary("after_opt_step", step, micro - 1)
-            optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t_start

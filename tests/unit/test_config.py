@@ -354,3 +354,25 @@ def test_get_reads_dotted_keys() -> None:
     assert config.get(cfg, "train.lora.r") == 16
     with pytest.raises(KeyError):
         config.get(cfg, "train.nope")
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16", "fp16"),
+    [("32-true", False, False), ("bf16-true", True, False), ("bf16-mixed", True, False), ("16-mixed", False, True)],
+)
+def test_deepspeed_configuration_follows_the_precision_and_offloads_the_optimizer(
+    precision: str, bf16: bool, fp16: bool
+) -> None:
+    from blipmon.core.config import resolve
+    from blipmon.runner.zero_offload import ds_config
+
+    cfg = resolve(
+        "tiny/blip2-opt",
+        ["train.optim=deepspeed_cpu", "train.strategy=deepspeed_stage_2_offload", f"train.precision={precision}",
+         "train.batch_size=3", "train.accumulate_grad_batches=5"],
+    )  # fmt: skip
+    ds = ds_config(cfg, cuda=False)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 5)
