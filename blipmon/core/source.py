@@ -93,6 +93,24 @@ class PhaseIndex:
         self.step_start: list[bool] = []
         self.vals: list[tuple[float, float, float, float, int]] = []  # alloc peak, reserved, rss, total, phase no
         self._cache: tuple[int, dict[str, np.ndarray]] | None = None
+        # Where each rank's records are (indices into the run's phases, ascending), so one rank's latest
+        # step or peaks is found without scanning the other ranks' records; a rank's first index tells
+        # which ranks a prefix of the run has heard from.
+        self.rank_pos: dict[int, list[int]] = {}
+        self._rank_cache: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
+        # Figures derived from a whole history (one rank's steps, the steps combined across ranks)
+        # that successive snapshots share while their inputs did not grow: kind -> (inputs, value).
+        # The view asks again every second (the elapsed clock); the answer changes once a step.
+        self.memo: dict[Any, tuple[Any, Any]] = {}
+
+    def remember(self, kind: Any, inputs: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, or its value from the last call of this ``kind`` if ``inputs`` are the same."""
+        hit = self.memo.get(kind)
+        if hit is not None and hit[0] == inputs:
+            return hit[1]
+        value = make()
+        self.memo[kind] = (inputs, value)
+        return value
 
     def __len__(self) -> int:
         return len(self.vals)
@@ -101,6 +119,7 @@ class PhaseIndex:
         kinds, nums = _KIND, self._PHASE_NO
         for p in phases[len(self.vals) :]:
             ph = p.get("phase", "")
+            self.rank_pos.setdefault(_rank_of(p), []).append(len(self.vals))
             self.t.append(float(p.get("t") or 0.0))
             self.kind.append(kinds[PHASE_ACTIVITY.get(ph, "data")])
             self.step_start.append(ph == "before_fwd" and not p.get("micro_step") and not p.get("rank"))
@@ -146,6 +165,83 @@ class PhaseIndex:
         a = self._arrays()
         return a["t"][:n], a["kind"][:n], a["start"][:n]
 
+    # -- per rank (several ranks of a DDP run share one phase stream) -------------------------------
+    def ranks(self, n: int) -> tuple[int, ...]:
+        """The ranks with at least one record among the first ``n``."""
+        return tuple(sorted(r for r, pos in list(self.rank_pos.items()) if pos and pos[0] < n))
+
+    def rank_positions(self, rank: int, n: int) -> list[int]:
+        """Indices of ``rank``'s records among the first ``n`` (a copy: the list grows under a loader)."""
+        pos = self.rank_pos.get(rank)
+        if not pos:
+            return []
+        return pos[: bisect.bisect_left(pos, n)]
+
+    def rank_phase_peaks(self, rank: int, n: int) -> dict[str, int]:
+        """Like ``phase_peaks``, over ``rank``'s records only: running maxima over that rank's subsequence.
+
+        Kept apart from ``_arrays`` so a single-rank run never pays for it; computed only when a
+        view asks for one rank, and again only when that rank's records grew.
+        """
+        pos = self.rank_pos.get(rank) or []
+        # Only positions below n: those records were complete when the snapshot was made (a loader
+        # thread may be mid-append beyond them).
+        k = bisect.bisect_left(pos, n)
+        if k <= 0:
+            return {}
+        cached = self._rank_cache.get(rank)
+        if cached is None or cached[0] < k:
+            v = np.array([self.vals[i] for i in pos[:k]], np.float64).reshape(k, 5)
+            out: dict[str, np.ndarray] = {}
+            for i, ph in enumerate(PHASES):
+                out[ph] = np.maximum.accumulate(np.where(v[:, 4] == i, v[:, 3], -1.0))
+            cached = (k, out)
+            self._rank_cache[rank] = cached
+        return {ph: int(arr[k - 1]) for ph, arr in cached[1].items() if arr[k - 1] >= 0}
+
+
+def _rank_of(rec: dict[str, Any]) -> int:
+    """A record's rank; a record without one comes from a single-rank writer, i.e. rank 0."""
+    r = rec.get("rank")
+    return r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else 0
+
+
+def _clean_rank_step(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``rank_step`` record (another rank's step) with the types a ``step`` record has after ``RunData``.
+
+    ``RunData`` keeps only rank 0's ``step`` records (``show`` and ``compare`` need no more); the
+    dashboard's rank selector needs the others too, so the sources keep them on the side.
+    """
+    step, rank = ev.get("step"), ev.get("rank")
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(rank, int) or isinstance(rank, bool):
+        return None
+    out = dict(ev)
+    for key in ("t", "seconds", "loss", "samples_per_s"):
+        v = ev.get(key)
+        out[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return out
+
+
+class _RankStepTap:
+    """An ``EventReader`` seen through ``RunData.follow``, keeping the ``rank_step`` records it drops.
+
+    A tap rather than a copy of ``RunData.follow``: the run is still folded by the one function
+    every reader uses, and the dashboard only adds what it alone needs.
+    """
+
+    def __init__(self, reader: EventReader, sink: list[dict[str, Any]]) -> None:
+        self.reader = reader
+        self.sink = sink
+
+    def poll_batch(self, *args: Any, **kwargs: Any) -> Any:
+        events, batch = self.reader.poll_batch(*args, **kwargs)
+        for ev in events:
+            if ev.get("type") == "rank_step":
+                clean = _clean_rank_step(ev)
+                if clean is not None:
+                    self.sink.append(clean)
+        return events, batch
+
 
 def _num_or(v: Any, default: float = -1.0) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
@@ -186,6 +282,7 @@ class Snapshot:
     samples: dict[str, np.ndarray] = field(default_factory=dict)
     phases: Sequence[dict[str, Any]] = ()
     steps: Sequence[dict[str, Any]] = ()
+    rank_steps: Sequence[dict[str, Any]] = ()  # the other ranks' ``rank_step`` records (``steps`` is rank 0's)
     oom: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
@@ -238,35 +335,85 @@ class Snapshot:
         self._memo["peaks"] = out
         return out
 
-    def latest_step(self) -> list[dict[str, Any]]:
-        """The phase records of the newest step that has all four (rank 0; last micro-step of each).
+    def latest_step(self, rank: int = 0) -> list[dict[str, Any]]:
+        """The phase records of ``rank``'s newest step that has all four (last micro-step of each).
 
         A step still in progress would show half its bars; its predecessor is the steadier picture.
-        Until one step is complete, the partial one is all there is.
+        Until one step is complete, the partial one is all there is. Always one rank's records:
+        with several ranks interleaved in one stream, mixing them would draw a step nobody had.
         """
-        if not self.phases:
+        mine = self.rank_records(rank, 96)
+        if not mine:
             return []
-        rank = self.phases[-1].get("rank") or 0
         by_step: dict[Any, dict[str, dict[str, Any]]] = {}
-        for p in self.phases[-96:]:
-            if (p.get("rank") or 0) == rank:
-                by_step.setdefault(p.get("step"), {})[p.get("phase", "")] = p
+        for p in mine:
+            by_step.setdefault(p.get("step"), {})[p.get("phase", "")] = p
         steps = list(by_step)
         chosen = next((by_step[s] for s in reversed(steps) if all(ph in by_step[s] for ph in PHASES)), None)
         if chosen is None:
             chosen = by_step[steps[-1]]
         return [chosen[ph] for ph in PHASES if ph in chosen]
 
-    def step_peaks(self) -> dict[str, int]:
-        """Highest total of each phase over all steps so far (what "each phase's peak" means)."""
+    def rank_records(self, rank: int, last: int) -> list[dict[str, Any]]:
+        """``rank``'s newest ``last`` phase records, oldest first."""
+        n = len(self.phases)
         if self.index is not None:
-            return self.index.phase_peaks(len(self.phases))
+            return [self.phases[i] for i in self.index.rank_positions(rank, n)[-last:]]
+        return [p for p in self.phases if _rank_of(p) == rank][-last:]
+
+    def step_peaks(self, rank: int | None = None) -> dict[str, int]:
+        """Highest total of each phase over all steps so far (what "each phase's peak" means).
+
+        ``rank=None``: over every rank's records; otherwise over that rank's alone.
+        """
+        if self.index is not None:
+            if rank is None:
+                return self.index.phase_peaks(len(self.phases))
+            return self.index.rank_phase_peaks(rank, len(self.phases))
         out: dict[str, int] = {}
         for p in self.phases:
+            if rank is not None and _rank_of(p) != rank:
+                continue
             ph, v = p.get("phase", ""), phase_total(p)
             if v > out.get(ph, -1):
                 out[ph] = v
         return out
+
+    def world_size(self) -> int:
+        """How many ranks the run said it has (1 when it did not say: a single-rank run)."""
+        for rec in (self.environment, self.plan, self.header):
+            v = rec.get("world_size")
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return 1
+
+    def ranks(self) -> tuple[int, ...]:
+        """Every rank of the run: those it announced (``world_size``) and any heard from, ascending.
+
+        The announced ones count before their first record arrives, so a live view offers rank 1
+        from the start rather than growing a selector halfway through.
+        """
+        if "ranks" in self._memo:
+            return self._memo["ranks"]
+        index = self.index
+        seen = set(index.ranks(len(self.phases))) if index is not None else {_rank_of(p) for p in self.phases}
+        seen |= {_rank_of(s) for s in self.rank_steps}
+        out = tuple(sorted(seen | set(range(self.world_size()))))
+        self._memo["ranks"] = out
+        return out
+
+    def steps_of(self, rank: int) -> Sequence[dict[str, Any]]:
+        """``rank``'s step records: ``steps`` for rank 0, its ``rank_step`` records for the others."""
+        if rank == 0:
+            return self.steps
+        rank_steps = self.rank_steps
+
+        def mine() -> tuple[dict[str, Any], ...]:
+            return tuple(s for s in rank_steps if s.get("rank") == rank)
+
+        if self.index is None:
+            return mine()
+        return self.index.remember(("steps_of", rank), (id(self.index), len(rank_steps)), mine)
 
     def boundaries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(time, activity index, starts a step) of every phase boundary so far, as arrays."""
@@ -365,6 +512,8 @@ class FileFollowSource(RunSource):
         self.clock = clock
         self.run = RunData(path=self.run_dir)
         self.reader = EventReader(self.run_dir)
+        self.rank_steps: list[dict[str, Any]] = []
+        self._tap = _RankStepTap(self.reader, self.rank_steps)
         self.log = LogTail(self.run_dir / LOG)
         self.index = PhaseIndex()
         self._version = 0
@@ -378,17 +527,17 @@ class FileFollowSource(RunSource):
     def poll(self) -> Snapshot:
         if self._problem is None:
             try:
-                self.run.follow(self.reader)
+                self.run.follow(self._tap)  # type: ignore[arg-type]
             except ProfileError as e:
                 self._problem = str(e)
         log_changed = self.log.poll()
         run = self.run
-        counts = (len(run.samples), len(run.phases), len(run.steps), len(run.notes))
+        counts = (len(run.samples), len(run.phases), len(run.steps), len(self.rank_steps), len(run.notes))
         status = run.status if run.header else "starting"
         now = self._elapsed()
         changed = counts != self._counts or status != self._status or log_changed or int(now) != self._last_second
         changed = changed or (self._last is not None and self._last.problem != self._problem)
-        if counts[:3] != self._counts[:3]:
+        if counts[:4] != self._counts[:4]:
             self._data_version += 1
         if changed or self._last is None:
             self._version += 1
@@ -404,6 +553,7 @@ class FileFollowSource(RunSource):
                 self.log.snapshot(),
                 self._problem,
                 index=self.index,
+                rank_steps=Prefix(self.rank_steps, len(self.rank_steps)),
             )
         return self._last
 
@@ -431,6 +581,7 @@ def _snapshot_of(
     replay: ReplayState | None = None,
     upto: float | None = None,
     index: PhaseIndex | None = None,
+    rank_steps: Sequence[dict[str, Any]] = (),
 ) -> Snapshot:
     arrays = run.samples.arrays()
     ns, nph, nst = n if n is not None else (len(arrays["t"]), len(run.phases), len(run.steps))
@@ -465,6 +616,7 @@ def _snapshot_of(
         samples=samples,
         phases=Prefix(run.phases, nph),
         steps=Prefix(run.steps, nst),
+        rank_steps=rank_steps,
         oom=seen(run.oom),
         error=seen(run.error),
         exit=run.exit if upto is None else None,
@@ -506,6 +658,8 @@ class ReplaySource(RunSource):
         self.paused = False
         self.run = RunData(path=self.run_dir)
         self.reader = EventReader(self.run_dir)
+        self.rank_steps: list[dict[str, Any]] = []
+        self._tap = _RankStepTap(self.reader, self.rank_steps)
         self._lock = threading.Lock()
         self._size = max((self.run_dir / EVENTS).stat().st_size, 1)
         self._chunk = chunk_bytes
@@ -514,6 +668,7 @@ class ReplaySource(RunSource):
         self.duration = _tail_last_t(self.run_dir / EVENTS)
         self._phase_t: list[float] = []
         self._step_t: list[float] = []
+        self._rank_step_t: list[float] = []
         self.index = PhaseIndex()
         self.log = LogTail(self.run_dir / LOG, keep=LOG_LINES)
         self.log.poll()
@@ -539,13 +694,14 @@ class ReplaySource(RunSource):
         with self._lock:
             before = self.reader._offset
             try:
-                self.run.follow(self.reader, max_bytes=min(self._chunk, 256 << 10) if first else self._chunk)
+                self.run.follow(self._tap, max_bytes=min(self._chunk, 256 << 10) if first else self._chunk)  # type: ignore[arg-type]
             except ProfileError as e:
                 self._problem, self._done = str(e), True
                 return
             self._phase_t.extend(float(p.get("t") or 0.0) for p in self.run.phases[len(self._phase_t) :])
             self.index.extend(self.run.phases)
             self._step_t.extend(float(s.get("t") or 0.0) for s in self.run.steps[len(self._step_t) :])
+            self._rank_step_t.extend(float(s.get("t") or 0.0) for s in self.rank_steps[len(self._rank_step_t) :])
             # Done when nothing more could be read: the end, or a truncated last line.
             self._done = self.reader._offset == before
             if self._done:
@@ -621,12 +777,14 @@ class ReplaySource(RunSource):
             ns = int(np.searchsorted(t, pos, side="right"))
             nph = bisect.bisect_right(self._phase_t, pos)
             nst = bisect.bisect_right(self._step_t, pos)
+            nrs = bisect.bisect_right(self._rank_step_t, pos)
             at_end = self._done and pos >= self.duration - 1e-9
             status = run.status if at_end else "running"
             state = ReplayState(pos, self.duration, self.speed, self.paused, self.loaded)
-            key = (ns, nph, nst, status, round(pos, 1), self.speed, self.paused, round(self.loaded, 2), self._problem)
+            key = (ns, nph, nst, nrs, status, round(pos, 1), self.speed, self.paused, round(self.loaded, 2),
+                   self._problem)  # fmt: skip
             if key != self._key or self._last is None:
-                data_changed = key[:3] != self._key[:3]
+                data_changed = key[:4] != self._key[:4]
                 self._version += 1
                 self._key = key
                 snap = _snapshot_of(
@@ -642,6 +800,7 @@ class ReplaySource(RunSource):
                     replay=state,
                     upto=None if at_end else pos,
                     index=self.index,
+                    rank_steps=Prefix(self.rank_steps, nrs),
                 )
                 if at_end:
                     snap = replace(snap, finished=True)

@@ -3,6 +3,10 @@
 The screen polls its source on a timer and hands each snapshot to its widgets; widgets redraw
 only what changed. Which keys exist depends on the mode: ``s`` stops only a run we launched,
 the replay keys only in a replay. Leaving never stops a run unless the user says so.
+
+A multi-rank run adds ``r``: the header, phase bars and step charts show rank 0, then each rank in
+turn, then all ranks at once (each phase's min..max across ranks). The choice is the screen's
+alone; the snapshot stays the same, so live, attach and replay behave identically.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Log, Static
 
+from blipmon.core.ranks import ALL, next_rank, rank_view
 from blipmon.core.source import RunSource, Snapshot
 from blipmon.ui.control import LiveRun, exit_code_for
 from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
@@ -58,6 +63,7 @@ class RunScreen(Screen[RunResult]):
         Binding("shift+right,pagedown", "forward_long", "+1 min", show=False),
         Binding("home", "start", "to start", show=False),
         Binding("end", "end", "to end", show=False),
+        Binding("r", "rank", "rank"),
         Binding("q,escape", "leave", "leave"),
         Binding("question_mark", "help", "help", key_display="?"),
     ]
@@ -74,6 +80,8 @@ class RunScreen(Screen[RunResult]):
         self._finished_shown: bool | None = None
         self._banner_shown: str | None = None
         self._leaving = False
+        self.rank: int | None = 0  # the rank the panels show; ALL (None) = the spread across ranks
+        self._multi_shown: bool | None = None
 
     @property
     def mode(self) -> str:
@@ -107,10 +115,11 @@ class RunScreen(Screen[RunResult]):
 
     def show(self, snap: Snapshot) -> None:
         self.snapshot = snap
-        self.query_one(RunHeader).show(snap)
+        view = rank_view(snap, self.rank)
+        self.query_one(RunHeader).show(snap, view)
         self.query_one(TimelineChart).show(snap)
-        self.query_one(PhaseBars).show(snap)
-        self.query_one(StepCharts).show(snap)
+        self.query_one(PhaseBars).show(snap, view)
+        self.query_one(StepCharts).show(snap, view)
         text = banner_text(snap)
         if text != self._banner_shown:
             self._banner_shown = text
@@ -127,8 +136,9 @@ class RunScreen(Screen[RunResult]):
                 log.clear()
                 log.write_lines(snap.log)
             self._log_shown = snap.log
-        if snap.finished != self._finished_shown:  # only then does a key appear or go (stop)
-            self._finished_shown = snap.finished
+        if snap.finished != self._finished_shown or view.multi != self._multi_shown:
+            # only then does a key appear or go (stop; rank once a second rank is known)
+            self._finished_shown, self._multi_shown = snap.finished, view.multi
             self.refresh_bindings()
 
     # -- which keys exist ----------------------------------------------------------------------------
@@ -137,6 +147,8 @@ class RunScreen(Screen[RunResult]):
             return self.live is not None and (self.snapshot is None or not self.snapshot.finished)
         if action in _REPLAY_ACTIONS:
             return self.mode == "replay"
+        if action == "rank":
+            return self.snapshot is not None and len(self.snapshot.ranks()) > 1
         return True
 
     def visible_actions(self) -> set[str]:
@@ -207,6 +219,19 @@ class RunScreen(Screen[RunResult]):
         self._leaving = True
         self.source.close()
         self.dismiss(result)
+
+    def action_rank(self) -> None:
+        """Show the next rank (0, 1, …, then all ranks, then 0 again)."""
+        if self.snapshot is None:
+            return
+        self.rank = next_rank(self.snapshot.ranks(), self.rank)
+        self.show(self.snapshot)
+
+    def select_rank(self, rank: int | None) -> None:
+        """Show ``rank`` (``ALL`` for every rank): for callers and tests that want one directly."""
+        self.rank = rank if rank is ALL or rank >= 0 else 0
+        if self.snapshot is not None:
+            self.show(self.snapshot)
 
     # replay controls
     def _replay(self) -> Any:

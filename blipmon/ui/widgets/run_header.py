@@ -1,4 +1,8 @@
-"""The run's header: name, status, device, elapsed time; progress with ETA (or the replay's playhead)."""
+"""The run's header: name, status, device, elapsed time; progress with ETA (or the replay's playhead).
+
+A multi-rank run also shows which rank the panels below are (``rank 1 of 2``, ``all 2 ranks``),
+right after the mode, where it stays visible at 80 columns; a single-rank run shows nothing extra.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,14 @@ from rich.style import Style
 from textual.strip import Strip
 
 from blipmon.core import timeline as tl
+from blipmon.core.ranks import RankView
 from blipmon.core.source import Snapshot
 from blipmon.core.units import fmt_bytes
 from blipmon.ui import theme
 from blipmon.ui.widgets.base import LinesWidget, strip
 
 _MODE = {"live": "live", "attach": "attached", "replay": "replay"}
+RANK_STYLE = Style(color="#000000", bgcolor="#5fd7d7", bold=True)
 
 
 def device_text(env: dict[str, Any]) -> str:
@@ -33,13 +39,18 @@ def bar(fraction: float, width: int) -> str:
     return "█" * fill + "░" * (width - fill)
 
 
-def header_lines(snap: Snapshot, width: int) -> list[Strip]:
+def header_lines(snap: Snapshot, width: int, rank_label: str = "") -> list[Strip]:
+    """The two header rows; ``rank_label`` (e.g. ``rank 1 of 2``) is shown only when not empty."""
     status = snap.status
     line1: list[tuple[str, Style | None]] = [
         ("● ", theme.status_style(status)),
         (snap.name + "  ", theme.BOLD),
         (status.upper() if status in ("oom", "error", "killed") else status, theme.status_style(status)),
         (f"  [{_MODE.get(snap.mode, snap.mode)}]  ", theme.DIM),
+    ]
+    if rank_label:
+        line1 += [(f" {rank_label} ", RANK_STYLE), ("  ", None)]
+    line1 += [
         (f"elapsed {tl.fmt_clock(snap.now)}  ", None),
         (device_text(snap.environment), theme.DIM),
     ]
@@ -89,13 +100,15 @@ class RunHeader(LinesWidget):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot: Snapshot | None = None
+        self.rank_label = ""
 
-    def show(self, snap: Snapshot) -> None:
+    def show(self, snap: Snapshot, view: RankView | None = None) -> None:
         self.snapshot = snap
-        self.set_data(snap.version)
+        self.rank_label = view.label() if view is not None else ""
+        self.set_data((snap.version, self.rank_label))
 
     def build(self, width: int, height: int) -> list[Strip]:
-        return [] if self.snapshot is None else header_lines(self.snapshot, width)[:height]
+        return [] if self.snapshot is None else header_lines(self.snapshot, width, self.rank_label)[:height]
 
 
 def banner_text(snap: Snapshot) -> str | None:

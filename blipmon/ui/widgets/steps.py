@@ -1,8 +1,12 @@
-"""Step time and loss over steps: two small braille charts, min/max per column like the timeline."""
+"""Step time and loss over steps: two small braille charts, min/max per column like the timeline.
+
+With several ranks they are the selected rank's steps; for "all ranks" each step is the slowest
+rank's time and the mean loss (``blipmon.core.ranks.combine_steps``), and the titles say so.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -10,6 +14,7 @@ from rich.style import Style
 from textual.strip import Strip
 
 from blipmon.core import timeline as tl
+from blipmon.core.ranks import RankView, rank_view
 from blipmon.core.source import Snapshot
 from blipmon.core.units import fmt_seconds
 from blipmon.ui import theme
@@ -36,7 +41,13 @@ def mini_chart(values: Sequence[float | None], width: int, height: int, color: s
     return [strip([(raster.text_row(r), style)], width) for r in range(height)]
 
 
-def step_lines(steps: Sequence[dict[str, Any]], width: int, height: int) -> list[Strip]:
+def step_lines(
+    steps: Sequence[Mapping[str, Any]],
+    width: int,
+    height: int,
+    time_label: str = "step time",
+    loss_label: str = "loss",
+) -> list[Strip]:
     """Title row plus step-time and loss charts side by side (or stacked when narrow)."""
     secs = [s.get("seconds") if isinstance(s.get("seconds"), (int, float)) else None for s in steps]
     loss = [s.get("loss") if isinstance(s.get("loss"), (int, float)) else None for s in steps]
@@ -47,12 +58,13 @@ def step_lines(steps: Sequence[dict[str, Any]], width: int, height: int) -> list
     )
     half = max((width - 1) // 2, 1)
     title = [
-        ("step time ", theme.BOLD),
+        (f"{time_label} ", theme.BOLD),
         (f"{fmt_seconds(last_s)}" + (f" {rate:,.1f}/s" if rate else ""), Style(color=STEP_COLOR)),
     ]
     left = Strip.join([strip(title, half - 1), strip([(" ", None)], 1)])
     right = strip(
-        [("loss ", theme.BOLD), ("—" if last_l is None else f"{last_l:.4f}", Style(color=LOSS_COLOR))], width - half
+        [(f"{loss_label} ", theme.BOLD), ("—" if last_l is None else f"{last_l:.4f}", Style(color=LOSS_COLOR))],
+        width - half,
     )
     rows = [Strip.join([left, right])]
     h = max(height - 1, 1)
@@ -73,11 +85,17 @@ class StepCharts(LinesWidget):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.steps: tuple[dict[str, Any], ...] = ()
+        self.steps: Sequence[Mapping[str, Any]] = ()
+        self.all_ranks = False
 
-    def show(self, snap: Snapshot) -> None:
-        self.steps = snap.steps
-        self.set_data(len(snap.steps))
+    def show(self, snap: Snapshot, view: RankView | None = None) -> None:
+        """Chart ``view``'s steps (the selected rank's; rank 0's, i.e. ``snap.steps``, when not given)."""
+        view = view if view is not None else rank_view(snap, 0)
+        self.steps = view.steps
+        self.all_ranks = view.all_ranks
+        self.set_data((len(self.steps), view.key))
 
     def build(self, width: int, height: int) -> list[Strip]:
+        if self.all_ranks:
+            return step_lines(self.steps, width, height, time_label="slowest", loss_label="mean loss")
         return step_lines(self.steps, width, height)
