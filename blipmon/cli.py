@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
     s.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table",
                    help="format of the comparison printed at the end")  # fmt: skip
+    s.add_argument("--live", action="store_true", help="watch the queue in the dashboard; compare at the end")
+    # Used by the dashboard's sweep view: first stdout line `sweep <dir>`, then all output to <dir>/sweep.log.
+    s.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
 
     s = sub.add_parser("watch", help="record any command's process tree (no instrumentation)")
     s.add_argument("--out", type=Path, default=None, metavar="DIR")

@@ -17,7 +17,14 @@ What goes on after what:
 
 Layout: ``<out>/<UTC timestamp>-sweep[-group]/<run dir>`` for each run (``iter_run_dirs`` looks one
 level down for exactly this), plus ``sweep.json`` listing every configuration with its status,
-exit code and run directory (refused ones included), rewritten after each run.
+exit code and run directory (refused ones included), rewritten when each run starts and ends, so
+that anyone following the folder (the dashboard's sweep view) sees the queue move without asking
+this process anything.
+
+``--live`` opens the dashboard's sweep view instead (``blipmon.ui.sweep``), which starts this same
+command as a detached child with the hidden ``--announce`` flag: that child prints ``sweep <dir>``
+as its first line of stdout once the folder exists, then sends all its output to
+``<dir>/sweep.log``, so it never writes to a dashboard that has gone away.
 
 Exit code: 0 when every run is ``ok``; otherwise the most severe outcome, in this order:
 4 stopped or killed > 1 error > 3 out of memory > 2 refused. (Numerically these are ``blipmon
@@ -35,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,6 +56,7 @@ from blipmon.core.units import fmt_bytes, fmt_seconds
 
 FORMATS = ("table", "markdown", "csv", "json")
 SWEEP_FILE = "sweep.json"
+SWEEP_LOG = "sweep.log"  # the progress and the table of a sweep started with --announce (by the dashboard)
 EXIT_CODES = {"ok": 0, "error": 1, "refused": 2, "oom": 3, "stopped": 4, "killed": 4}
 # Most severe first: an interrupted sweep, then a broken run, then one that did not fit, then one not for this machine.
 SEVERITY = (4, 1, 3, 2)
@@ -90,6 +98,19 @@ class NotRun(RunData):
     def peaks(self) -> dict[str, int | None]:
         # Nothing was measured: every figure is "—", host RSS included (RunData says 0 for a run without samples).
         return {"allocated": None, "reserved": None, "device_used": None, "host_rss": None}
+
+
+def sweep_eta(durations: list[float], runs_left: int, current_left: float | None = None) -> float | None:
+    """Seconds left: the current run's estimate plus the mean finished run for each one still to start.
+
+    One function for the terminal progress and the dashboard's queue, so both say the same ETA.
+    """
+    if runs_left == 0 and current_left is None:
+        return 0.0
+    if not durations:
+        return current_left if runs_left == 0 else None
+    mean = sum(durations) / len(durations)
+    return (current_left or 0.0) + mean * runs_left
 
 
 def sweep_exit_code(codes: list[int | None]) -> int:
@@ -174,13 +195,8 @@ class Progress:
             self._live_len = 0
 
     def eta(self, runs_left: int, current_left: float | None = None) -> float | None:
-        """Seconds left: the current run's estimate plus the mean finished run for each one still to start."""
-        if runs_left == 0 and current_left is None:
-            return 0.0
-        if not self.durations:
-            return current_left if runs_left == 0 else None
-        mean = sum(self.durations) / len(self.durations)
-        return (current_left or 0.0) + mean * runs_left
+        """Seconds left (``sweep_eta`` over the runs finished so far)."""
+        return sweep_eta(self.durations, runs_left, current_left)
 
     @staticmethod
     def _eta_text(eta: float | None) -> str:
@@ -229,6 +245,33 @@ class Progress:
         self._write(text)
 
 
+class AnnouncingProgress(Progress):
+    """``--announce``: say where the sweep is on stdout, then write everything to its ``sweep.log``.
+
+    The dashboard that started this sweep reads that one line to learn the folder, and may be gone
+    a minute later; output written to its pipe would then fail (or block). So after the line both
+    stdout and stderr are pointed, at the file-descriptor level, at ``sweep.log`` in the folder.
+    """
+
+    def plan(self, sweep_dir: Path, entries: list[Entry]) -> None:
+        try:
+            print(f"sweep {sweep_dir}", flush=True)
+        except OSError:  # the dashboard went away before reading it; the sweep goes on regardless
+            pass
+        try:
+            fd = os.open(sweep_dir / SWEEP_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            fd = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        self.live = False
+        super().plan(sweep_dir, entries)
+
+
 def _detail(e: Entry) -> str:
     run = e.run
     if run is None or isinstance(run, NotRun):
@@ -255,6 +298,8 @@ def _write_sweep_file(sweep_dir: Path, entries: list[Entry], started: float, fin
         "format_version": 1,
         "started": started,
         "finished": finished,
+        "ended": time.time() if finished else None,
+        "pid": os.getpid(),  # so a follower can tell a sweep that died (SIGKILL) from one still going
         "configs": [
             {
                 "name": e.name,
@@ -276,8 +321,19 @@ def _write_sweep_file(sweep_dir: Path, entries: list[Entry], started: float, fin
         print(f"blipmon: could not write {sweep_dir / SWEEP_FILE}: {e}", file=sys.stderr)
 
 
-def _run_one(i: int, e: Entry, sweep_dir: Path, progress: Progress, runs_left: int) -> bool:
-    """Run one configuration in a fresh child; returns False when the user interrupted the sweep."""
+def _run_one(
+    i: int,
+    e: Entry,
+    sweep_dir: Path,
+    progress: Progress,
+    runs_left: int,
+    on_started: Callable[[], None] | None = None,
+) -> bool:
+    """Run one configuration in a fresh child; returns False when the user interrupted the sweep.
+
+    ``on_started`` runs once the child is started (the sweep file is rewritten then, so a follower
+    learns which run directory is the current one).
+    """
     from blipmon.runner.launch import Launch
 
     launch = Launch(e.cfg, sweep_dir)
@@ -291,6 +347,9 @@ def _run_one(i: int, e: Entry, sweep_dir: Path, progress: Progress, runs_left: i
     interrupts = 0
     while True:
         try:
+            if on_started is not None:  # inside the try: a stop arriving meanwhile still stops the child
+                notify, on_started = on_started, None
+                notify()
             if launch.poll() is not None:
                 break
             time.sleep(_POLL_S)
@@ -362,9 +421,9 @@ def _run_sweep(
         where = out if out is not None else Path("profiles")
         raise ConfigError(f"--out {where}: cannot create the sweep directory there ({err.strerror or err})") from None
     progress = progress or Progress(len(entries))
-    progress.plan(sweep_dir, entries)
     started = time.time()
-    _write_sweep_file(sweep_dir, entries, started, finished=False)
+    _write_sweep_file(sweep_dir, entries, started, finished=False)  # before plan(): --announce points here
+    progress.plan(sweep_dir, entries)
     runnable_left = sum(1 for e in entries if not e.refused)
     interrupted = False
     for i, e in enumerate(entries, 1):
@@ -376,7 +435,9 @@ def _run_sweep(
             progress.refused(i, e)
             continue
         runnable_left -= 1
-        interrupted = not _run_one(i, e, sweep_dir, progress, runnable_left)
+        interrupted = not _run_one(
+            i, e, sweep_dir, progress, runnable_left, lambda: _write_sweep_file(sweep_dir, entries, started, False)
+        )
         progress.finished(i, e, 0 if interrupted else runnable_left)
         _write_sweep_file(sweep_dir, entries, started, finished=False)
     if interrupted:
@@ -396,14 +457,54 @@ def table_runs(entries: list[Entry]) -> list[RunData]:
     return runs
 
 
+def read_sweep_file(sweep_dir: Path) -> dict[str, Any] | None:
+    """``sweep.json`` as written (atomically) by a sweep, or None while it does not exist or cannot be read."""
+    try:
+        doc = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("configs"), list):
+        return None
+    doc["configs"] = [c for c in doc["configs"] if isinstance(c, dict)]
+    return doc
+
+
+def load_sweep_runs(sweep_dir: Path) -> list[RunData]:
+    """The comparison's columns for a sweep folder, from its ``sweep.json``: what ``blipmon sweep`` prints.
+
+    Every run that has a directory (its recorded run, or a column naming its status when it recorded
+    nothing readable) and every refused configuration; configurations never started are left out.
+    """
+    doc = read_sweep_file(sweep_dir)
+    if doc is None:
+        raise ProfileError(f"{sweep_dir}: no readable {SWEEP_FILE}; is this a sweep folder?")
+    runs: list[RunData] = []
+    for c in doc["configs"]:
+        name, status, run_dir = str(c.get("name") or "run"), str(c.get("status") or ""), c.get("run_dir")
+        if status == "refused":
+            runs.append(NotRun(name, {}, "refused"))
+        elif isinstance(run_dir, str) and run_dir:
+            try:
+                runs.append(load_run(Path(sweep_dir) / run_dir))
+            except ProfileError:
+                runs.append(NotRun(name, {}, status if status in EXIT_CODES else "error"))
+    return runs
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``blipmon sweep``."""
     fmt = getattr(args, "format", None) or "table"
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     sources = list(args.configs)
-    entries = expand(sources, list(getattr(args, "overrides", None) or []))
-    sweep_dir, entries = run_sweep(entries, getattr(args, "out", None), _label(sources))
+    overrides = list(getattr(args, "overrides", None) or [])
+    entries = expand(sources, overrides)  # with --live too: a typo is exit 2 before the dashboard opens
+    if getattr(args, "live", False):
+        from blipmon.ui.app import run_sweep_live
+
+        return run_sweep_live(sources, overrides, getattr(args, "out", None), fmt)
+    progress = AnnouncingProgress(len(entries)) if getattr(args, "announce", False) else None
+    sweep_dir, entries = run_sweep(entries, getattr(args, "out", None), _label(sources), progress)
     runs = table_runs(entries)
     if runs:
         sys.stdout.write(render_compare(runs, fmt))
@@ -416,4 +517,15 @@ def main(args: argparse.Namespace) -> int:
     return sweep_exit_code([e.code for e in entries] + ([4] if counts.get("not run") else []))
 
 
-__all__ = ["Entry", "NotRun", "expand", "main", "run_sweep", "sweep_exit_code", "table_runs"]
+__all__ = [
+    "Entry",
+    "NotRun",
+    "expand",
+    "load_sweep_runs",
+    "main",
+    "read_sweep_file",
+    "run_sweep",
+    "sweep_eta",
+    "sweep_exit_code",
+    "table_runs",
+]

@@ -1,8 +1,9 @@
 """The Textual application and the entry points the CLI calls.
 
 One ``BlipmonApp`` serves every command: it starts on the launcher (``blipmon``), on a run view
-(``run --live``, ``attach``, ``replay``) or on the compare view (``compare --tui``). Started on a
-run or compare view, leaving that view ends the program; started on the launcher, it goes back.
+(``run --live``, ``attach``, ``replay``), on the sweep view (``sweep --live``) or on the compare
+view (``compare --tui``). Started on a run, sweep or compare view, leaving that view ends the
+program; started on the launcher, it goes back.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ class BlipmonApp(App[Any]):
         self.notify(f"saved {saved}", title="SVG", timeout=6)
 
     def action_quit_safely(self) -> None:
-        """Ctrl+Q / Ctrl+C never stop a run behind the user's back: a live view asks first."""
+        """Ctrl+Q / Ctrl+C never stop a run (or a sweep) behind the user's back: a live view asks first."""
+        from blipmon.ui.sweep import SweepScreen
+
         screen = self.screen
-        if isinstance(screen, RunScreen):
+        if isinstance(screen, (RunScreen, SweepScreen)):
             screen.action_leave()
         else:
             self.exit(None)
@@ -103,6 +106,50 @@ def run_live(cfg: dict[str, Any], out: Path | None) -> int:
     return int(code)
 
 
+def run_sweep_live(configs: list[str], overrides: list[str], out: Path | None, fmt: str = "table") -> int:
+    """``blipmon sweep CONFIG... --live``: start the sweep, watch its queue, return its exit code.
+
+    The sweep runs as a detached ``blipmon sweep`` (see ``ui/sweep.py``), so leaving the dashboard
+    with it still going loses nothing: it goes on, and its runs keep arriving in the sweep folder.
+    Leaving it running returns 0, like ``run --live``. When it has ended, the comparison table is
+    printed in ``fmt`` too, as the headless sweep prints it, so ``--live`` loses no output.
+    """
+    from blipmon.commands.sweep import load_sweep_runs
+    from blipmon.core.report import render_compare
+    from blipmon.ui.sweep import LiveSweep, SweepResult, SweepScreen
+
+    print(f"blipmon: starting a sweep of {' '.join(configs)}…", file=sys.stderr)
+    try:
+        live = LiveSweep(configs, overrides, out)
+    except LaunchError as e:
+        print(f"blipmon: {e}", file=sys.stderr)
+        return 2
+    print(f"blipmon: sweep into {live.sweep_dir}", file=sys.stderr)
+    result = BlipmonApp(SweepScreen(live.sweep_dir, live)).run()
+    code = result.code if isinstance(result, SweepResult) and not result.left_running else None
+    if code is None:
+        code = live.poll()
+    if code is None:
+        print(
+            f"blipmon: the sweep is still running (pid {live.pid}); its runs are in {live.sweep_dir} "
+            f"(its progress: {live.sweep_dir / 'sweep.log'})",
+            file=sys.stderr,
+        )
+        print(live.sweep_dir)
+        return 0
+    if code < 0 or code == 130:  # killed by a signal, or interrupted outside a run: "stopped or killed"
+        code = 4
+    try:
+        runs = load_sweep_runs(live.sweep_dir)
+    except ProfileError as e:
+        runs = []
+        print(f"blipmon: {e}", file=sys.stderr)
+    if runs:
+        sys.stdout.write(render_compare(runs, fmt))
+    print(f"blipmon: sweep done; runs in {live.sweep_dir}", file=sys.stderr)
+    return int(code)
+
+
 def _run_view(source: RunSource) -> int:
     BlipmonApp(RunScreen(source)).run()
     return 0
@@ -131,4 +178,4 @@ def run_compare(run_dirs: list[Path]) -> int:
     return 0
 
 
-__all__ = ["BlipmonApp", "run_attach", "run_compare", "run_launcher", "run_live", "run_replay"]
+__all__ = ["BlipmonApp", "run_attach", "run_compare", "run_launcher", "run_live", "run_replay", "run_sweep_live"]

@@ -5,6 +5,10 @@ Left: every preset under its group (tiny, h100, a100, load, train), then the run
 setting editable and validated as you type by the same code as a TOML file (``config.validate``),
 errors shown next to the field. ``r`` runs it; ``space`` marks runs, ``c`` compares them, ``d``
 deletes one after asking. The estimate panel below the settings predicts the peak and the verdict.
+
+Sweeps: ``space`` on a preset marks it for a sweep, and ``w`` asks whether to sweep the marked
+presets or the whole group of the selected one, then opens the sweep view (``ui/sweep.py``). Marks
+mean the same thing on both kinds of row (keep this one for later), so one key serves both.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from blipmon.core import config, presets
 from blipmon.core.profile import EVENTS, ProfileError, iter_run_dirs
 from blipmon.core.run import load_run
 from blipmon.core.units import fmt_bytes
-from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, binding_keys
+from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
 from blipmon.ui.widgets.estimate import EstimatePanel
 
 PROFILES = Path("profiles")
@@ -163,6 +167,7 @@ class LauncherScreen(Screen[None]):
         Binding("enter", "open", "open", show=False),
         Binding("space", "mark", "mark"),
         Binding("c", "compare", "compare"),
+        Binding("w", "sweep", "sweep"),
         Binding("d", "delete", "delete"),
         Binding("e", "edit", "edit"),
         Binding("escape", "back_to_list", "list", show=False),
@@ -177,6 +182,7 @@ class LauncherScreen(Screen[None]):
         self.root = root
         self.runs: list[RunEntry] = []
         self.marked: list[Path] = []
+        self.marked_presets: list[str] = []  # for a sweep, in the order they were marked
         self.selected: str | None = None
         self.base: dict[str, Any] = {}
         self.original: dict[str, str] = {}
@@ -222,7 +228,8 @@ class LauncherScreen(Screen[None]):
             options.append(Option(f"[b]{group}/[/b]", id=f"group:{group}", disabled=True))
             for n in names:
                 if n.startswith(group + "/"):
-                    options.append(Option(f"  {n}", id=f"preset:{n}"))
+                    mark = "[b]✓[/b]" if n in self.marked_presets else " "
+                    options.append(Option(f"{mark} {n}", id=f"preset:{n}"))
         options.append(Option(f"[b]saved runs[/b] [dim]({self.root}/)[/dim]", id="group:runs", disabled=True))
         if not self.runs:
             options.append(Option("  [dim]none yet: r runs the selected preset[/dim]", id="group:none", disabled=True))
@@ -331,9 +338,17 @@ class LauncherScreen(Screen[None]):
         self.query_one("#configs").focus()
 
     def action_mark(self) -> None:
+        if self.selected and self.selected.startswith("preset:"):
+            name = self.selected[7:]
+            if name in self.marked_presets:
+                self.marked_presets.remove(name)
+            else:
+                self.marked_presets.append(name)
+            self.rebuild_list()
+            return
         e = self._entry()
         if e is None:
-            self.notify("only saved runs can be marked for comparison", severity="warning")
+            self.notify("mark presets (for a sweep) or saved runs (for a comparison)", severity="warning")
             return
         if e.path in self.marked:
             self.marked.remove(e.path)
@@ -351,6 +366,61 @@ class LauncherScreen(Screen[None]):
         from blipmon.ui.compare import CompareScreen
 
         self.app.push_screen(CompareScreen(list(self.marked)))
+
+    def action_sweep(self) -> None:
+        """Sweep the marked presets, or the whole group of the selected one: asks which."""
+        group = self.selected[7:].split("/")[0] if self.selected and self.selected.startswith("preset:") else None
+        choices: list[tuple[str, str, str]] = []
+        if self.marked_presets:
+            n = len(self.marked_presets)
+            shown = ", ".join(self.marked_presets[:4]) + (", …" if n > 4 else "")
+            choices.append(("m", f"the {n} marked preset{'s' if n != 1 else ''} ({shown})", "marked"))
+        if group is not None:
+            count = len(presets.group(group + "/"))
+            choices.append(("g", f"the whole group {group}/ ({count} presets)", "group"))
+        if not choices:
+            self.notify("select a preset (its group is swept) or mark presets with space", severity="warning")
+            return
+
+        def answer(value: str | None) -> None:
+            if value == "marked":
+                self._start_sweep(list(self.marked_presets))
+            elif value == "group" and group is not None:
+                self._start_sweep([group + "/"])
+
+        self.app.push_screen(
+            ChoiceScreen(
+                "Sweep which presets? Each runs in a fresh process, one after another, as saved "
+                "(edits in the settings apply to r only).",
+                choices,
+            ),
+            answer,
+        )
+
+    def _start_sweep(self, configs: list[str]) -> None:
+        self.notify(f"starting a sweep of {' '.join(configs)}…", timeout=4)
+        self._launch_sweep(configs)
+
+    @work(thread=True, exclusive=True, group="launch")
+    def _launch_sweep(self, configs: list[str]) -> None:
+        from blipmon.commands.sweep import expand
+        from blipmon.ui.control import LaunchError
+        from blipmon.ui.sweep import LiveSweep
+
+        try:
+            expand(configs)  # a bad preset says so here, not in a folder nobody looks at
+            live = LiveSweep(configs, (), self.root)
+        except (config.ConfigError, LaunchError) as e:
+            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=10)
+            return
+        self.app.call_from_thread(self._show_sweep, live)
+
+    def _show_sweep(self, live: Any) -> None:
+        from blipmon.ui.sweep import SweepScreen
+
+        self.marked_presets = []
+        self.rebuild_list()
+        self.app.push_screen(SweepScreen(live.sweep_dir, live), lambda _: self.refresh_runs())
 
     def action_delete(self) -> None:
         e = self._entry()
