@@ -94,6 +94,9 @@ SCHEMA: dict[str, Field] = {
     "train.qlora": Field((bool,), False),
     "data.source": Field((str,), "synthetic"),
     "data.max_length": Field((int,), 50, minimum=1),
+    "data.caption_tokens": Field(
+        (int,), 0, minimum=0, help="synthetic caption length; 0 = every caption fills max_length (the worst case)"
+    ),
     "runtime.alloc_conf": Field((str,), ""),
     "runtime.sample_hz": Field((float, int), 10.0, minimum=0, exclusive_minimum=True),
     "runtime.probes": Field((bool,), True, help="per-phase attribution; off only to measure its cost"),
@@ -353,3 +356,14 @@ def _toml_value(v: Any) -> str:
 
 def _toml_key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def caption_tokens(cfg: dict[str, Any]) -> int:
+    """Tokens in each synthetic caption: ``data.caption_tokens`` up to ``max_length``, or ``max_length`` itself.
+
+    The seed lab's tokenizer pads each batch to its longest caption (``padding=True``), so its
+    batches are shorter than ``max_length`` unless a caption reaches it. ``caption_tokens`` models
+    that longest caption; 0 keeps the worst case, every caption ``max_length`` long.
+    """
+    d = cfg["data"]
+    return min(d.get("caption_tokens") or d["max_length"], d["max_length"])

@@ -132,6 +132,11 @@ _H100: list[_LabRow] = [
 ]
 
 
+# The longest caption of a lab batch, in tokens: short captions (COCO-style, ~11 words on average) padded to
+# the longest of 16-64 of them come to about 20-25 tokens with the BOS token.
+LAB_CAPTION_TOKENS = 24
+
+
 def _lab_preset(gpu: str, row: _LabRow) -> dict[str, Any]:
     name, experiment, model, bs, acc, prec, optim, ckpt, strategy, max_steps, extra = row
     model_id = _MODELS[model]
@@ -162,7 +167,9 @@ def _lab_preset(gpu: str, row: _LabRow) -> dict[str, Any]:
         "model": {"id": model_id, "weights": "auto", "dtype": "float32", "quantization": "none", "device_map": "cuda"},
         "job": {"kind": "train"},
         "train": train,
-        "data": {"source": "synthetic", "max_length": 50},
+        # The lab tokenizes with padding=True (to the longest caption of the batch), max_length=50. Its captions
+        # are not shipped; LAB_CAPTION_TOKENS models the longest short caption of a batch (see docs/memory-model.md).
+        "data": {"source": "synthetic", "max_length": 50, "caption_tokens": LAB_CAPTION_TOKENS},
         "runtime": {"alloc_conf": "", "sample_hz": 10.0},
     }
 

@@ -37,6 +37,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from blipmon.core.config import caption_tokens
+
 _SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
@@ -641,7 +643,7 @@ def _fake_batch(model: Any, cfg: dict[str, Any], spec: Any) -> dict[str, torch.T
     t = cfg["train"]
     bs = t["batch_size"]
     arch = spec.arch
-    ds = SyntheticCaptions(arch, spec.family, max(bs, 1), cfg["data"]["max_length"], cfg["runtime"]["seed"])
+    ds = SyntheticCaptions(arch, spec.family, max(bs, 1), caption_tokens(cfg), cfg["runtime"]["seed"])
     items = [ds[i] for i in range(min(bs, 2))]
     batch: dict[str, torch.Tensor] = {}
     mode = _fake_mode_of(model)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from blipmon.core.config import ConfigError
+from blipmon.core.config import ConfigError, caption_tokens
 
 PHASES = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
 # Device memory outside the caching allocator: the CUDA context, kernels and library handles. About 0.5 GiB on
@@ -212,7 +212,7 @@ def _profile_key(cfg: dict[str, Any], device: str) -> str:
             m["id"],
             m["quantization"],
             t["batch_size"],
-            cfg["data"]["max_length"],
+            caption_tokens(cfg),
             t["precision"],
             t["act_ckpt"],
             t["lora"],
@@ -260,10 +260,16 @@ def estimate(
             "`blipmon models` lists parameter bytes per dtype for loading"
         )
     notes = list(spec.notes)
-    notes.append(
-        f"every caption padded to data.max_length = {cfg['data']['max_length']} tokens, as blipmon's batches are; "
-        "a dataset padded to the longest caption of each batch can need less"
-    )
+    if caption_tokens(cfg) < cfg["data"]["max_length"]:
+        notes.append(
+            f"captions of {caption_tokens(cfg)} tokens (data.caption_tokens): a batch padded to its longest caption; "
+            f"a caption of data.max_length = {cfg['data']['max_length']} tokens would need more"
+        )
+    else:
+        notes.append(
+            f"every caption padded to data.max_length = {cfg['data']['max_length']} tokens, as blipmon's batches are; "
+            "a dataset padded to the longest caption of each batch can need less (data.caption_tokens)"
+        )
     if cfg["train"]["devices"] > 1 or cfg["train"]["strategy"] == "ddp":
         notes.append("per rank; DDP adds gradient buckets (about the gradient size) that are not counted")
 

@@ -1,8 +1,9 @@
 """Training batches shaped like the seeds' data: image size and token lengths from the model config.
 
 Memory depends on tensor shapes, not on pixel values, so synthetic batches give the real memory of
-an image-caption fine-tune without a dataset. Every batch has the full ``max_length`` (the seed
-lab pads to it), which makes the step's memory the worst case rather than a lucky short caption.
+an image-caption fine-tune without a dataset. Every caption has the same length, so every batch has
+the memory of the longest: ``max_length`` by default (the worst case), or ``data.caption_tokens``,
+the longest caption a real batch holds once the tokenizer pads it to its longest, as the seed lab's does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from blipmon.core.config import caption_tokens
 
 
 class SyntheticCaptions(Dataset[dict[str, torch.Tensor]]):
@@ -182,7 +185,7 @@ def make_dataset(
     source = cfg["data"]["source"]
     if source == "synthetic":
         return SyntheticCaptions(
-            model_config, family, t["num_train_samples"], cfg["data"]["max_length"], cfg["runtime"]["seed"]
+            model_config, family, t["num_train_samples"], caption_tokens(cfg), cfg["runtime"]["seed"]
         )
     processor = load_processor(source_path) if source_path else None
     return ImageFolderCaptions(
