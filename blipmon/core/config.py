@@ -86,6 +86,7 @@ SCHEMA: dict[str, Field] = {
     "train.num_workers": Field((int,), 0, minimum=0),
     "train.strategy": Field((str,), "auto", STRATEGIES),
     "train.devices": Field((int,), 1, minimum=1),
+    "train.num_nodes": Field((int,), 1, minimum=1, help="machines; each runs `blipmon run` with NODE_RANK set"),
     "train.lora.enabled": Field((bool,), False),
     "train.lora.r": Field((int,), 16, minimum=1),
     "train.lora.alpha": Field((int, float), 32, minimum=0, exclusive_minimum=True),
@@ -262,6 +263,8 @@ def _check_combinations(cfg: Mapping[str, Any]) -> Iterable[str]:
         )
     if t["devices"] > 1 and t["strategy"] == "auto":
         yield f"train.devices = {t['devices']}: several ranks need train.strategy = 'ddp'"
+    if t["num_nodes"] > 1 and t["strategy"] != "ddp":
+        yield f"train.num_nodes = {t['num_nodes']}: several machines need train.strategy = 'ddp'"
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:

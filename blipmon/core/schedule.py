@@ -22,7 +22,7 @@ class Schedule:
 def schedule(cfg: dict[str, Any]) -> Schedule:
     t = cfg["train"]
     # Under DDP each rank sees its share of the samples (a DistributedSampler), as in Lightning.
-    world = t.get("devices", 1) if t.get("strategy") == "ddp" else 1
+    world = t.get("devices", 1) * t.get("num_nodes", 1) if t.get("strategy") == "ddp" else 1
     micro = math.ceil(math.ceil(t["num_train_samples"] / world) / t["batch_size"])
     acc = t["accumulate_grad_batches"]
     per_epoch = math.ceil(micro / acc)

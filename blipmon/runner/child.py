@@ -118,7 +118,7 @@ def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run
         writer.close()
         print(e, file=sys.stderr)
         return EXIT_ERROR
-    if dist.main:
+    if dist.writes_run:
         emit("config", config=cfg)
     return _run(cfg, writer, dist)
 
@@ -139,13 +139,13 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
 
         cuda = torch.cuda.is_available() and cfg["model"]["device_map"] != "cpu"
         dist.init(cuda)
-        if dist.main:
+        if dist.writes_run:
             emit("environment", **environment(cuda))
         sampler = Sampler(emit, cfg["runtime"]["sample_hz"], cuda=cuda, cuda_device=dist.local_rank, rank=dist.rank)
         sampler.start()
         # BLIPMON_PREDICT=0 turns the estimate off for a whole session (the test suite uses it).
         predict = cfg["runtime"]["predict"] and os.environ.get("BLIPMON_PREDICT", "1") != "0"
-        if dist.main and predict and cfg["job"]["kind"] == "train":
+        if dist.writes_run and predict and cfg["job"]["kind"] == "train":
             from blipmon.estimate import predict_for_run
 
             print("[blipmon] estimating memory before loading (runtime.predict = false skips it) ...", flush=True)
@@ -156,7 +156,7 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
         loaded = load_model(cfg, cuda=cuda, cuda_index=dist.local_rank)
         place = placement(loaded.model)
         emit(
-            "load" if dist.main else "rank_load",
+            "load" if dist.writes_run else "rank_load",
             rank=dist.rank,
             seconds=round(loaded.seconds, 6),
             params_bytes=sum(place.values()),

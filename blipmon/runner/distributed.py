@@ -26,6 +26,15 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def writes_run(self) -> bool:
+        """The rank that writes its node's run summary (config, load, plan, steps): local rank 0.
+
+        On one machine that is global rank 0; in a several-machine job every node writes its own
+        run directory, so each needs its own writer. The others write ``rank_*`` records.
+        """
+        return self.local_rank == 0
+
     @classmethod
     def from_env(cls) -> Dist:
         def num(name: str, default: int) -> int:

@@ -25,10 +25,46 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def run_dir_name(cfg: dict[str, Any], now: datetime | None = None) -> str:
-    """``<UTC timestamp>-<config name>``, with the name flattened so it can never leave the folder."""
+    """``<UTC timestamp>-<config name>``, with the name flattened so it can never leave the folder.
+
+    A node of a several-machine job adds ``-node<R>``: every node writes its own run, and in a
+    shared folder their names must never collide.
+    """
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
     name = _SAFE.sub("-", str(cfg.get("name", "run"))).strip("-.") or "run"
-    return f"{stamp}-{name[:80]}"
+    nodes = cfg.get("train", {}).get("num_nodes", 1) if isinstance(cfg.get("train"), dict) else 1
+    suffix = f"-node{node_rank()}" if isinstance(nodes, int) and nodes > 1 else ""
+    return f"{stamp}-{name[:80]}{suffix}"
+
+
+def node_rank() -> int:
+    """This machine's place in a several-machine job: ``NODE_RANK``, as Lightning and torchrun users set it."""
+    try:
+        return int(os.environ.get("NODE_RANK", "0"))
+    except ValueError:
+        return -1
+
+
+def multi_node_env(cfg: dict[str, Any]) -> tuple[int, str, int]:
+    """(node rank, master address, master port) for a several-machine job, or a ConfigError saying what to set."""
+    nodes = cfg["train"]["num_nodes"]
+    rank = node_rank()
+    if not 0 <= rank < nodes:
+        raise ConfigError(
+            f"train.num_nodes = {nodes}: set NODE_RANK to this machine's place, 0 to {nodes - 1} "
+            f"(got {os.environ.get('NODE_RANK')!r})"
+        )
+    addr = os.environ.get("MASTER_ADDR", "")
+    if not addr:
+        raise ConfigError(
+            f"train.num_nodes = {nodes}: set MASTER_ADDR (and MASTER_PORT, default 29500) to node 0's address "
+            "on every machine"
+        )
+    try:
+        port = int(os.environ.get("MASTER_PORT", "29500"))
+    except ValueError:
+        raise ConfigError(f"MASTER_PORT = {os.environ.get('MASTER_PORT')!r}: expected a port number") from None
+    return rank, addr, port
 
 
 def make_run_dir(cfg: dict[str, Any], out: Path | None) -> Path:
@@ -81,6 +117,11 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None, bf16: bool | Non
             unavailable.append(
                 "DeepSpeed ZeRO-2 offload with train.devices > 1 (one rank offloads; use ddp for several)"
             )
+    if t["num_nodes"] > 1:
+        if cfg["job"]["kind"] != "train":
+            unavailable.append(f"train.num_nodes = {t['num_nodes']} for a {cfg['job']['kind']} job")
+        else:
+            multi_node_env(cfg)
     if t["devices"] > 1 and cfg["job"]["kind"] != "train":
         unavailable.append(f"train.devices = {t['devices']} for a {cfg['job']['kind']} job (several ranks train only)")
     if unavailable:
@@ -181,9 +222,15 @@ class Launch:
         """The child's argument list: the child module itself, or torchrun starting one per rank."""
         child = ["-m", "blipmon.runner.child", str(self.run_dir)]
         t = self.cfg["train"]
-        if self.cfg["job"]["kind"] == "train" and t["strategy"] == "ddp" and t["devices"] > 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                    f"--nproc-per-node={t['devices']}", *child]  # fmt: skip
+        if self.cfg["job"]["kind"] != "train" or t["strategy"] != "ddp":
+            return [sys.executable, *child]
+        run = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={t['devices']}"]
+        if t["num_nodes"] > 1:  # static rendezvous at node 0, as torchrun's own multi-node example
+            rank, addr, port = multi_node_env(self.cfg)
+            return [*run, f"--nnodes={t['num_nodes']}", f"--node-rank={rank}", f"--master-addr={addr}",
+                    f"--master-port={port}", *child]  # fmt: skip
+        if t["devices"] > 1:
+            return [*run, "--standalone", "--nnodes=1", *child]
         return [sys.executable, *child]
 
     def start(self) -> None:
@@ -225,7 +272,9 @@ class Launch:
             started=time.time(),
             source="blipmon run (torchrun)",
             blipmon=blipmon.__version__,
-            world_size=self.cfg["train"]["devices"],
+            world_size=self.cfg["train"]["devices"] * self.cfg["train"]["num_nodes"],
+            num_nodes=self.cfg["train"]["num_nodes"],
+            node_rank=node_rank(),
         )
         writer.close()
 

@@ -7,10 +7,12 @@ with random weights. They are saved once to a cache directory and then loaded ba
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,12 +107,32 @@ def model_class(config: Any) -> Any:
     raise ValueError(f"model_type {mt!r} is not supported yet (supported: blip-2, blip)")
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One builder at a time per cache folder: ranks and nodes sharing a machine start together."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_tiny(name: str) -> Path:
     """Build and save a tiny model once; later calls (and other processes) reuse the directory."""
     target = cache_root() / "tiny" / f"{name.split('/', 1)[1]}-v{TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target.parent):
+        return _build_tiny(name, target)
+
+
+def _build_tiny(name: str, target: Path) -> Path:
+    if (target / "config.json").is_file():  # another process built it while this one waited
+        return target
     cfg = tiny_config(name)
     torch.manual_seed(0)
     model = model_class(cfg)(cfg)
@@ -202,7 +224,13 @@ def random_snapshot(model_id: str, arch: Any) -> Path:
     target = cache_root() / "random" / safe
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target.parent):
+        if (target / "config.json").is_file():
+            return target
+        return _save_random(model_id, arch, target)
+
+
+def _save_random(model_id: str, arch: Any, target: Path) -> Path:
     torch.manual_seed(0)
     model = model_class(arch)._from_config(arch, dtype=torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))

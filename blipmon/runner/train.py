@@ -175,7 +175,7 @@ def run_train(
         pin_memory=cuda,
     )
     emit(
-        "plan" if dist.main else "rank_plan",
+        "plan" if dist.writes_run else "rank_plan",
         rank=dist.rank,
         world_size=dist.world,
         total_steps=sched.total_steps,
@@ -264,7 +264,7 @@ def run_train(
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t_start
             emit(
-                "step" if dist.main else "rank_step",
+                "step" if dist.writes_run else "rank_step",
                 rank=dist.rank,
                 step=step,
                 seconds=round(seconds, 6),
