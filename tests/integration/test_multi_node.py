@@ -41,7 +41,12 @@ def blipmon_run(shared: Path, cache: Path, node: int | None, port: int) -> subpr
 
 
 @pytest.fixture(scope="module")
-def node_runs(tmp_path_factory: pytest.TempPathFactory, blipmon_cache: Path) -> list[RunData]:
+def node_runs(
+    tmp_path_factory: pytest.TempPathFactory, blipmon_cache: Path, tiny_models: dict[str, Path]
+) -> list[RunData]:
+    # The tiny model is built before the nodes start (``tiny_models``), as on real machines whose caches hold
+    # their model: two nodes sharing one machine and an empty cache sometimes fail the second node's first load
+    # (an open issue, see the session note), which this test is not about.
     shared = tmp_path_factory.mktemp("shared")
     port = free_port()
     procs = [blipmon_run(shared, blipmon_cache, node, port) for node in (0, 1)]
