@@ -48,12 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
     s.add_argument("--tui", action="store_true", help="open the compare view of the dashboard")
 
-    s = sub.add_parser("replay", help="dashboard replaying a saved run")
-    s.add_argument("run", type=Path, metavar="RUN")
+    s = sub.add_parser("replay", help="dashboard replaying a saved run, or a finished sweep's queue")
+    s.add_argument("run", type=Path, metavar="RUN", help="a run directory or a sweep folder (with sweep.json)")
     s.add_argument("--speed", type=float, default=1.0, metavar="X")
 
-    s = sub.add_parser("attach", help="dashboard following a run that is still being written")
-    s.add_argument("run", type=Path, metavar="RUN")
+    s = sub.add_parser("attach", help="dashboard following a run or a sweep that is still being written")
+    s.add_argument("run", type=Path, metavar="RUN", help="a run directory or a sweep folder (with sweep.json)")
 
     s = sub.add_parser("estimate", help="predict a configuration's per-phase memory before running it")
     s.add_argument("config", metavar="CONFIG")
@@ -219,21 +219,45 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return run_launcher()
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
-    from blipmon.core.profile import check_run_dir
-    from blipmon.ui.app import run_replay
+def _is_sweep_dir(path: Path) -> bool:
+    """True for a sweep folder (it holds ``sweep.json``); False for a run directory; else a clear error (exit 2).
 
+    ``attach`` and ``replay`` take either, so a folder that is neither names both things it lacks.
+    """
+    from blipmon.core.profile import EVENTS, check_run_dir
+
+    sweep_file = "sweep.json"  # blipmon.commands.sweep.SWEEP_FILE, without importing the sweep for a run
+    if path.is_dir() and (path / sweep_file).is_file():
+        from blipmon.commands.sweep import read_sweep_file
+
+        if read_sweep_file(path) is None:
+            raise UsageError(f"{path}: its {sweep_file} cannot be read as a sweep's")
+        return True
+    if path.is_dir() and not (path / EVENTS).exists():
+        raise UsageError(f"{path}: not a blipmon run or sweep (no {EVENTS} or {sweep_file} in it)")
+    check_run_dir(path)
+    return False
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
     if not args.speed > 0:
         raise UsageError(f"--speed {args.speed}: expected a number > 0")
-    check_run_dir(args.run)
+    if _is_sweep_dir(args.run):
+        from blipmon.ui.app import run_sweep_replay
+
+        return run_sweep_replay(args.run, args.speed)
+    from blipmon.ui.app import run_replay
+
     return run_replay(args.run, args.speed)
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    from blipmon.core.profile import check_run_dir
+    if _is_sweep_dir(args.run):
+        from blipmon.ui.app import run_sweep_attach
+
+        return run_sweep_attach(args.run)
     from blipmon.ui.app import run_attach
 
-    check_run_dir(args.run)
     return run_attach(args.run)
 
 

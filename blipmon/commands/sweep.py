@@ -19,7 +19,9 @@ Layout: ``<out>/<UTC timestamp>-sweep[-group]/<run dir>`` for each run (``iter_r
 level down for exactly this), plus ``sweep.json`` listing every configuration with its status,
 exit code and run directory (refused ones included), rewritten when each run starts and ends, so
 that anyone following the folder (the dashboard's sweep view) sees the queue move without asking
-this process anything.
+this process anything. It also holds this process's ``pid`` and ``hostname``: ``blipmon attach
+<sweep dir>`` uses them to tell a sweep still going from one that died, and to stop it (SIGTERM, as
+Ctrl-C) after checking that the pid is still this sweep.
 
 ``--live`` opens the dashboard's sweep view instead (``blipmon.ui.sweep``), which starts this same
 command as a detached child with the hidden ``--announce`` flag: that child prints ``sweep <dir>``
@@ -39,6 +41,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -300,6 +303,8 @@ def _write_sweep_file(sweep_dir: Path, entries: list[Entry], started: float, fin
         "finished": finished,
         "ended": time.time() if finished else None,
         "pid": os.getpid(),  # so a follower can tell a sweep that died (SIGKILL) from one still going
+        # ... and so `blipmon attach` on another machine (a shared disk) never reads this pid as one of its own
+        "hostname": socket.gethostname(),
         "configs": [
             {
                 "name": e.name,

@@ -1,8 +1,8 @@
 """The Textual application and the entry points the CLI calls.
 
 One ``BlipmonApp`` serves every command: it starts on the launcher (``blipmon``), on a run view
-(``run --live``, ``attach``, ``replay``), on the sweep view (``sweep --live``) or on the compare
-view (``compare --tui``). Started on a run, sweep or compare view, leaving that view ends the
+(``run --live``, ``attach``, ``replay`` of a run directory), on the sweep view (``sweep --live``,
+``attach`` or ``replay`` of a sweep folder) or on the compare view (``compare --tui``). Started on a run, sweep or compare view, leaving that view ends the
 program; started on the launcher, it goes back.
 """
 
@@ -132,7 +132,7 @@ def run_sweep_live(configs: list[str], overrides: list[str], out: Path | None, f
     if code is None:
         print(
             f"blipmon: the sweep is still running (pid {live.pid}); its runs are in {live.sweep_dir} "
-            f"(its progress: {live.sweep_dir / 'sweep.log'})",
+            f"(its progress: {live.sweep_dir / 'sweep.log'}); watch it again with `blipmon attach {live.sweep_dir}`",
             file=sys.stderr,
         )
         print(live.sweep_dir)
@@ -170,6 +170,43 @@ def run_replay(run_dir: Path, speed: float) -> int:
     return _run_view(source)
 
 
+def run_sweep_attach(sweep_dir: Path) -> int:
+    """``blipmon attach <sweep dir>``: the queue of a sweep started elsewhere; leaving never stops it.
+
+    ``s`` stops it by the pid in its ``sweep.json``, only once psutil confirms that pid is this sweep
+    (``ui/sweep.py``: ``AttachedSweep``). A sweep that has already ended opens as finished. Exit 0,
+    like attaching to a run: the sweep's own exit code belongs to whoever started it.
+    """
+    from blipmon.ui.sweep import AttachedSweep, SweepScreen
+
+    sweep_dir = Path(sweep_dir)
+    control = AttachedSweep(sweep_dir)
+    BlipmonApp(SweepScreen(sweep_dir, control)).run()
+    if control.running() and not (control.doc() or {}).get("finished"):
+        print(
+            f"blipmon: the sweep goes on in {sweep_dir}; `blipmon attach {sweep_dir}` shows it again", file=sys.stderr
+        )
+    return 0
+
+
+def run_sweep_replay(sweep_dir: Path, speed: float = 1.0) -> int:
+    """``blipmon replay <sweep dir>``: a finished sweep's final queue; its runs replay at ``speed``.
+
+    A sweep whose process is still running is followed as ``blipmon attach`` does instead: a frozen
+    queue of a sweep that moves on would be wrong a minute later, and its runs cannot be replayed
+    to the end yet.
+    """
+    from blipmon.ui.sweep import AttachedSweep, SweepScreen
+
+    sweep_dir = Path(sweep_dir)
+    control = AttachedSweep(sweep_dir)
+    if not (control.doc() or {}).get("finished") and control.running():
+        print(f"blipmon: {sweep_dir}: the sweep is still running; following it (as `blipmon attach`)", file=sys.stderr)
+        return run_sweep_attach(sweep_dir)
+    BlipmonApp(SweepScreen(sweep_dir, replay=True, speed=speed)).run()
+    return 0
+
+
 def run_compare(run_dirs: list[Path]) -> int:
     """``blipmon compare RUN... --tui``: 2 to 6 runs side by side."""
     from blipmon.ui.compare import CompareScreen
@@ -178,4 +215,14 @@ def run_compare(run_dirs: list[Path]) -> int:
     return 0
 
 
-__all__ = ["BlipmonApp", "run_attach", "run_compare", "run_launcher", "run_live", "run_replay", "run_sweep_live"]
+__all__ = [
+    "BlipmonApp",
+    "run_attach",
+    "run_compare",
+    "run_launcher",
+    "run_live",
+    "run_replay",
+    "run_sweep_attach",
+    "run_sweep_live",
+    "run_sweep_replay",
+]

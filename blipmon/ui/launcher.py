@@ -9,6 +9,8 @@ deletes one after asking. The estimate panel below the settings predicts the pea
 Sweeps: ``space`` on a preset marks it for a sweep, and ``w`` asks whether to sweep the marked
 presets or the whole group of the selected one, then opens the sweep view (``ui/sweep.py``). Marks
 mean the same thing on both kinds of row (keep this one for later), so one key serves both.
+The sweep folders under ``./profiles`` are listed too (``saved sweeps``, when there are any):
+``enter`` opens one's queue, following it if its process still runs, else as a finished sweep.
 """
 
 from __future__ import annotations
@@ -71,6 +73,52 @@ def read_entry(path: Path) -> RunEntry | None:
     entry = RunEntry(path, run.name, run.status, peak, run.config, stamp)
     _ENTRY_CACHE[path] = entry
     return entry
+
+
+@dataclass(frozen=True)
+class SweepEntry:
+    """A sweep folder as the list shows it: running or done, and how its configurations ended."""
+
+    path: Path
+    running: bool
+    summary: str  # "2 ok · 1 oom · 1 queued"
+    started: float
+
+
+def list_sweeps(root: Path = PROFILES) -> list[SweepEntry]:
+    """Sweep folders (with a readable ``sweep.json``) directly under ``root``, newest first.
+
+    Read afresh each time (a ``sweep.json`` is a few hundred bytes), because "still running" can
+    change without the file changing: the sweep may die.
+    """
+    from blipmon.commands.sweep import SWEEP_FILE, read_sweep_file
+    from blipmon.ui.sweep import sweep_alive
+
+    if not root.is_dir():
+        return []
+    out: list[SweepEntry] = []
+    for p in root.iterdir():
+        if not (p / SWEEP_FILE).is_file():
+            continue
+        doc = read_sweep_file(p)
+        if doc is None:
+            continue
+        counts: dict[str, int] = {}
+        for c in doc["configs"]:
+            status = str(c.get("status") or "pending").replace("pending", "queued")
+            counts[status] = counts.get(status, 0) + 1
+        running = not doc.get("finished") and sweep_alive(doc)
+        started = doc.get("started")
+        out.append(
+            SweepEntry(
+                p,
+                running,
+                " · ".join(f"{n} {st}" for st, n in counts.items()),
+                float(started) if isinstance(started, (int, float)) else 0.0,
+            )
+        )
+    out.sort(key=lambda e: (e.started, e.path.name), reverse=True)
+    return out
 
 
 def list_runs(root: Path = PROFILES) -> list[RunEntry]:
@@ -181,6 +229,7 @@ class LauncherScreen(Screen[None]):
         super().__init__()
         self.root = root
         self.runs: list[RunEntry] = []
+        self.sweeps: list[SweepEntry] = []
         self.marked: list[Path] = []
         self.marked_presets: list[str] = []  # for a sweep, in the order they were marked
         self.selected: str | None = None
@@ -210,12 +259,16 @@ class LauncherScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="runs")
     def refresh_runs(self) -> None:
         runs = list_runs(self.root)
-        self.app.call_from_thread(self._set_runs, runs)
+        sweeps = list_sweeps(self.root)
+        self.app.call_from_thread(self._set_runs, runs, sweeps)
 
-    def _set_runs(self, runs: list[RunEntry]) -> None:
-        if [(r.path, r.status, r.peak) for r in runs] == [(r.path, r.status, r.peak) for r in self.runs]:
+    def _set_runs(self, runs: list[RunEntry], sweeps: list[SweepEntry] | None = None) -> None:
+        sweeps = self.sweeps if sweeps is None else sweeps
+        same_runs = [(r.path, r.status, r.peak) for r in runs] == [(r.path, r.status, r.peak) for r in self.runs]
+        if same_runs and sweeps == self.sweeps:
             return
         self.runs = runs
+        self.sweeps = sweeps
         self.marked = [p for p in self.marked if any(r.path == p for r in runs)]
         self.rebuild_list()
 
@@ -230,6 +283,13 @@ class LauncherScreen(Screen[None]):
                 if n.startswith(group + "/"):
                     mark = "[b]✓[/b]" if n in self.marked_presets else " "
                     options.append(Option(f"{mark} {n}", id=f"preset:{n}"))
+        if self.sweeps:
+            options.append(Option(f"[b]saved sweeps[/b] [dim]({self.root}/)[/dim]", id="group:sweeps", disabled=True))
+        for sw in self.sweeps:
+            state = "running" if sw.running else "done"
+            options.append(
+                Option(f"  {sw.path.name[:34]}\n    [dim]{state:<8} {sw.summary[:40]}[/dim]", id=f"sweep:{sw.path}")
+            )
         options.append(Option(f"[b]saved runs[/b] [dim]({self.root}/)[/dim]", id="group:runs", disabled=True))
         if not self.runs:
             options.append(Option("  [dim]none yet: r runs the selected preset[/dim]", id="group:none", disabled=True))
@@ -274,6 +334,9 @@ class LauncherScreen(Screen[None]):
             details.update(
                 f"[b]{entry.name}[/b]  {entry.status}, peak {fmt_bytes(entry.peak)}{running}\n[dim]{entry.path}[/dim]"
             )
+        elif oid.startswith("sweep:"):
+            self._select_sweep(oid)
+            return
         else:
             return
         try:
@@ -283,6 +346,22 @@ class LauncherScreen(Screen[None]):
         self.original = settings_of(full)
         self._build_form()
         self.revalidate()
+
+    def _select_sweep(self, oid: str) -> None:
+        """A sweep has no one configuration to edit: say what it is and empty the form (``r`` refuses)."""
+        sweep = self._sweep()
+        if sweep is None:
+            return
+        state = "running — enter follows its queue" if sweep.running else "done — enter opens its queue"
+        self.query_one("#details", Static).update(
+            f"[b]{sweep.path.name}[/b]  sweep, {state}\n{sweep.summary}\n[dim]{sweep.path}[/dim]"
+        )
+        self.base, self.original, self.valid_cfg = {}, {}, None
+        self.query_one("#settings", VerticalScroll).remove_children()
+        status = self.query_one("#validation", Static)
+        status.set_class(False, "-bad")
+        status.update("a sweep: select a preset or a saved run to edit and run it")
+        self.query_one(EstimatePanel).show_config(None)
 
     def _build_form(self) -> None:
         form = self.query_one("#settings", VerticalScroll)
@@ -319,6 +398,11 @@ class LauncherScreen(Screen[None]):
     def _entry(self) -> RunEntry | None:
         if self.selected and self.selected.startswith("run:"):
             return next((r for r in self.runs if f"run:{r.path}" == self.selected), None)
+        return None
+
+    def _sweep(self) -> SweepEntry | None:
+        if self.selected and self.selected.startswith("sweep:"):
+            return next((s for s in self.sweeps if f"sweep:{s.path}" == self.selected), None)
         return None
 
     def action_help(self) -> None:
@@ -420,7 +504,27 @@ class LauncherScreen(Screen[None]):
 
         self.marked_presets = []
         self.rebuild_list()
-        self.app.push_screen(SweepScreen(live.sweep_dir, live), lambda _: self.refresh_runs())
+        self.app.push_screen(SweepScreen(live.sweep_dir, live), self._back_from_sweep)
+
+    def _back_from_sweep(self, result: Any) -> None:
+        """Refresh the list; a sweep left running is where to find it again."""
+        self.refresh_runs()
+        if getattr(result, "left_running", False) and getattr(result, "sweep_dir", None) is not None:
+            self.notify(
+                f"the sweep goes on: enter on it under saved sweeps, or `blipmon attach {result.sweep_dir}`",
+                timeout=8,
+            )
+
+    def _open_sweep(self, sweep: SweepEntry) -> None:
+        """Its queue: followed (and stoppable, by its checked pid) while it runs, else the finished sweep."""
+        from blipmon.ui.sweep import AttachedSweep, SweepScreen
+
+        control = AttachedSweep(sweep.path)
+        if control.running() and not (control.doc() or {}).get("finished"):
+            screen = SweepScreen(sweep.path, control)
+        else:
+            screen = SweepScreen(sweep.path, replay=True)
+        self.app.push_screen(screen, lambda _: self.refresh_runs())
 
     def action_delete(self) -> None:
         e = self._entry()
@@ -454,6 +558,10 @@ class LauncherScreen(Screen[None]):
         self.notify(f"deleted {path.name}")
 
     def action_open(self) -> None:
+        sweep = self._sweep()
+        if sweep is not None:
+            self._open_sweep(sweep)
+            return
         e = self._entry()
         if e is None:
             self.action_edit()
@@ -469,6 +577,9 @@ class LauncherScreen(Screen[None]):
         self.app.push_screen(RunScreen(source), lambda _: self.refresh_runs())
 
     def action_run(self) -> None:
+        if self._sweep() is not None:
+            self.notify("select a preset or a saved run to run (enter opens this sweep)", severity="warning")
+            return
         if self.valid_cfg is None:
             self.notify("fix the settings marked in red first", severity="error")
             return

@@ -9,12 +9,20 @@ run's ``events.jsonl`` (the current run's steps and peak). So nothing is lost wh
 goes away, and the headless sweep and this view can never disagree.
 
 ``SweepFollower`` (no Textual) turns those files into ``QueueState``; ``SweepScreen`` shows it.
+
+The same screen opens on a sweep this dashboard did not start (``blipmon attach <sweep dir>``, a
+sweep left running, one started in another terminal) through ``AttachedSweep``, and on a finished
+one (``blipmon replay <sweep dir>``) with no process at all. An attached sweep is known only by the
+``pid`` in its ``sweep.json``, and a pid can be reused once the sweep has ended, so before signalling
+it (or believing it is alive) ``sweep_process`` checks with psutil that the process on that pid is
+a ``blipmon ... sweep`` started no later than the sweep itself, on this host.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +30,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import psutil
 from rich.markup import escape
 from rich.text import Text
 from textual import on, work
@@ -73,6 +82,8 @@ class LiveSweep:
     Before that line, the child's stderr goes to a temporary file rather than a pipe: a pipe nobody
     drains could fill and block it, and the file still gives us its error if it refuses to start.
     """
+
+    owned = True
 
     def __init__(self, configs: Sequence[str], overrides: Sequence[str] = (), out: Path | None = None) -> None:
         self.configs = list(configs)
@@ -131,6 +142,157 @@ class LiveSweep:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+
+class SweepControl(Protocol):
+    """What the sweep view needs from a sweep process: ``LiveSweep`` (started here) or ``AttachedSweep``."""
+
+    owned: bool  # started by this dashboard: leaving asks whether to stop it
+    stops: int
+
+    def poll(self) -> int | None: ...
+
+    def running(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+
+class NotTheSweep(Exception):
+    """The pid in ``sweep.json`` cannot be taken for the sweep: the reason, and whether the sweep is surely gone.
+
+    ``gone`` is False when we simply cannot tell (no pid recorded, another host, no permission): the
+    sweep may still be running, so the view keeps following ``sweep.json`` but never signals anything.
+    """
+
+    def __init__(self, message: str, *, gone: bool) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+# A process started this long after the sweep's ``started`` stamp cannot be it (the stamp is taken
+# after the sweep's own start-up, so the real one is always older); the slack absorbs clock rounding.
+_START_SLACK_S = 2.0
+
+
+def is_sweep_cmdline(cmdline: Sequence[str]) -> bool:
+    """``python -m blipmon sweep ...`` or ``.../bin/blipmon sweep ...``: a ``blipmon`` word, then ``sweep``.
+
+    Requiring ``sweep`` right after the program rather than anywhere keeps out, say, an editor on
+    ``blipmon/commands/sweep.py`` or ``blipmon attach profiles/x-sweep``.
+    """
+    words = list(cmdline)
+    return any(os.path.basename(w).startswith("blipmon") and words[i + 1] == "sweep" for i, w in enumerate(words[:-1]))
+
+
+def sweep_process(doc: dict[str, Any] | None) -> psutil.Process:
+    """The live process of the sweep ``doc`` (its ``sweep.json``) describes, or ``NotTheSweep`` saying why not."""
+    pid = (doc or {}).get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise NotTheSweep("this sweep's sweep.json names no process", gone=False)
+    host = (doc or {}).get("hostname")
+    if isinstance(host, str) and host and host != socket.gethostname():
+        raise NotTheSweep(f"this sweep runs on {host}, not on this machine: stop it there", gone=False)
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            raise NotTheSweep(f"the sweep (pid {pid}) has ended", gone=True)
+        cmdline = proc.cmdline()
+        created = proc.create_time()
+    except psutil.NoSuchProcess:
+        raise NotTheSweep(f"the sweep (pid {pid}) has ended", gone=True) from None
+    except psutil.AccessDenied:
+        raise NotTheSweep(
+            f"pid {pid}: not allowed to check that it is the sweep, so it is not signalled", gone=False
+        ) from None
+    if not is_sweep_cmdline(cmdline):
+        shown = " ".join(cmdline)[:80] or "?"
+        raise NotTheSweep(f"pid {pid} is no longer this sweep (it is `{shown}`): nothing was signalled", gone=True)
+    started = (doc or {}).get("started")
+    if isinstance(started, (int, float)) and created > float(started) + _START_SLACK_S:
+        raise NotTheSweep(
+            f"pid {pid} started after this sweep did: the sweep has ended and its pid was reused", gone=True
+        )
+    return proc
+
+
+def sweep_alive(doc: dict[str, Any] | None) -> bool:
+    """Whether the sweep may still be running: False only when its process is surely gone."""
+    try:
+        sweep_process(doc)
+    except NotTheSweep as e:
+        return not e.gone
+    return True
+
+
+def doc_exit_code(doc: dict[str, Any] | None) -> int | None:
+    """``blipmon sweep``'s exit code for what ``sweep.json`` says, once its process has gone.
+
+    We are not its parent, so nobody tells us its exit status. A configuration still ``running``
+    or ``pending`` (a refused one is ``pending`` with its reason until the sweep reaches it) means
+    the sweep died before the end: "stopped or killed", 4, as for one that was interrupted.
+    """
+    if doc is None:
+        return None
+    codes: list[int | None] = []
+    for c in doc["configs"]:
+        status = str(c.get("status") or "pending")
+        if status == "pending" and c.get("reason"):
+            status = "refused"
+        codes.append(4 if status in ("running", "pending", "not run") else EXIT_CODES.get(status))
+    return sweep_exit_code(codes)
+
+
+class AttachedSweep:
+    """A sweep started elsewhere (another terminal, a dashboard that left it running), known by its folder.
+
+    Same face as ``LiveSweep`` for the view. It is not our child, so there is no exit status to
+    collect: whether it runs comes from the pid in ``sweep.json`` (checked by ``sweep_process``),
+    and its exit code from the outcomes recorded there. ``stop()`` sends SIGTERM, which the sweep
+    treats as Ctrl-C (the current run saved as stopped, the rest skipped); a second one kills the
+    current run. It refuses, with ``NotTheSweep``, to signal a pid that is not this sweep.
+    """
+
+    owned = False
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.stops = 0
+        self._gone = False
+
+    def doc(self) -> dict[str, Any] | None:
+        return read_sweep_file(self.sweep_dir)
+
+    @property
+    def pid(self) -> int | None:
+        pid = (self.doc() or {}).get("pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+    def running(self) -> bool:
+        """False once the sweep's process is surely gone (and from then on: a pid never comes back)."""
+        if not self._gone:
+            self._gone = not sweep_alive(self.doc())
+        return not self._gone
+
+    def poll(self) -> int | None:
+        return None if self.running() else doc_exit_code(self.doc())
+
+    def stop(self) -> None:
+        proc = sweep_process(self.doc())  # raises NotTheSweep: nothing is signalled
+        try:
+            proc.send_signal(signal.SIGTERM)  # psutil re-checks the pid's start time: never a reused pid
+        except psutil.NoSuchProcess:
+            raise NotTheSweep("the sweep has ended", gone=True) from None
+        self.stops += 1
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running():
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)
+        return self.poll()
 
 
 # -- the queue, from the sweep's files (no Textual) --------------------------------------------------
@@ -229,16 +391,10 @@ class SweepFollower:
         self._last_elapsed = 0.0
 
     def _pid_gone(self) -> bool:
-        pid = (self.doc or {}).get("pid")
-        if not isinstance(pid, int) or pid <= 0:
+        # Not just "is the pid alive": once the sweep has ended its pid may be another process's.
+        if self.doc is None:
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
+        return not sweep_alive(self.doc)
 
     def _follow(self, run_dir: Path) -> RunData:
         if self._current is None or self._current[0] != run_dir:
@@ -306,7 +462,7 @@ class SweepFollower:
                 total = run.plan.get("total_steps")
                 if isinstance(total, int) and total > 0 and run.steps:
                     current_left = seconds / len(run.steps) * max(total - len(run.steps), 0)
-                if ended:  # the sweep died under it: say what the run itself recorded
+                if finished:  # the sweep died under it: say what the run itself recorded
                     status = run.status
             elif status == "not run":
                 note = "skipped: the sweep was stopped"
@@ -402,27 +558,49 @@ class SweepScreen(Screen[SweepResult]):
     def __init__(
         self,
         sweep_dir: Path,
-        live: LiveSweep | None = None,
+        live: SweepControl | None = None,
         *,
+        replay: bool = False,
+        speed: float = 1.0,
         refresh: float = REFRESH_SECONDS,
         follower: SweepFollower | None = None,
     ) -> None:
+        """``live``: the sweep's process, to stop it (``LiveSweep`` started here, ``AttachedSweep``).
+
+        ``replay``: a finished sweep, nothing followed or stopped (``blipmon replay <sweep dir>``);
+        ``speed`` is then the speed its runs replay at. With neither, the view follows the folder
+        and can stop nothing (what tests use with a hand-written folder).
+        """
         super().__init__()
         self.sweep_dir = Path(sweep_dir)
         self.live = live
+        self.replay = replay and live is None
+        self.speed = speed
         self.refresh_seconds = refresh
-        ended = (lambda: live.poll() is not None) if live is not None else None
+        ended: Callable[[], bool] | None = None
+        if live is not None:
+            ended = lambda: not live.running()  # noqa: E731
+        elif self.replay:
+            ended = lambda: True  # noqa: E731 - nothing to wait for, whatever pid sweep.json names
         self.follower = follower or SweepFollower(self.sweep_dir, ended=ended)
         self.state: QueueState | None = None
         self._shown: tuple[tuple[str, ...], ...] = ()
         self._compared = False  # the automatic comparison at the end happens once
         self._compare_pending = False
+        self._saw_unfinished = False  # only a sweep seen ending opens the comparison by itself
         self._follow_current: int | None = None  # the running row the cursor was on, to move with it
         self._leaving = False
 
     @property
+    def owned(self) -> bool:
+        """Started by this dashboard: leaving asks whether to stop it."""
+        return self.live is not None and self.live.owned
+
+    @property
     def mode(self) -> str:
-        return "live" if self.live is not None else "attached"
+        if self.owned:
+            return "live"
+        return "replay" if self.replay else "attached"
 
     def compose(self) -> ComposeResult:
         yield Static("", id="sweep-header")
@@ -443,9 +621,15 @@ class SweepScreen(Screen[SweepResult]):
     def tick(self) -> None:
         state = self.follower.poll()
         self.show(state)
+        if state.readable and not state.finished:
+            self._saw_unfinished = True
         if state.finished and not self._compared:
             self._compared = True
             self.refresh_bindings()
+            if not (self._saw_unfinished or self.owned):
+                # Opened on a sweep that had already ended (attach or replay): the user came for the
+                # queue; `c` compares.
+                return
             if self.is_active:
                 self.action_compare()
             else:
@@ -502,7 +686,7 @@ class SweepScreen(Screen[SweepResult]):
         if row.note:
             text.append(f" — {row.note}")
         if row.run_dir is not None:
-            hint = "enter: its live view" if row.status == "running" else "enter: replay it"
+            hint = "enter: its live view" if row.status == "running" and not self.replay else "enter: replay it"
             text.append("\n")
             text.append(str(row.run_dir), "dim")
             text.append(f"  {hint}")
@@ -563,10 +747,10 @@ class SweepScreen(Screen[SweepResult]):
 
         assert row.run_dir is not None
         try:
-            if row.status == "running":
-                source: Any = FileFollowSource(row.run_dir, mode="live" if self.live is not None else "attach")
+            if row.status == "running" and not self.replay:
+                source: Any = FileFollowSource(row.run_dir, mode="live" if self.owned else "attach")
             else:
-                source = ReplaySource(row.run_dir)
+                source = ReplaySource(row.run_dir, speed=self.speed)
         except (ProfileError, OSError) as err:
             self.notify(str(err), severity="error")
             return
@@ -591,7 +775,11 @@ class SweepScreen(Screen[SweepResult]):
 
         def answer(value: str | None) -> None:
             if value == "yes":
-                live.stop()
+                try:
+                    live.stop()
+                except NotTheSweep as e:  # an attached sweep whose pid is not (or no longer) the sweep
+                    self.notify(f"the sweep was not stopped: {e}", severity="error", timeout=10)
+                    return
                 self.notify("stopping the sweep…", timeout=4)
 
         self.app.push_screen(ConfirmScreen(question), answer)
@@ -625,6 +813,12 @@ class SweepScreen(Screen[SweepResult]):
         if self._leaving:
             return
         live = self.live
+        if live is not None and not live.owned:  # attached: leaving never stops it, as for a run
+            going = live.running() and not (self.state is not None and self.state.finished)
+            self._finish(
+                SweepResult(None if going else self._result().code, left_running=going, sweep_dir=self.sweep_dir)
+            )
+            return
         if live is not None and live.running() and not (self.state is not None and self.state.finished):
 
             def answer(value: str | None) -> None:
@@ -638,7 +832,7 @@ class SweepScreen(Screen[SweepResult]):
                     "The sweep is still going. Stop it, or leave it running?",
                     [
                         ("s", "stop the sweep, then leave (the current run is saved as stopped)", "stop"),
-                        ("l", "leave it running (its runs keep arriving in the sweep folder)", "leave"),
+                        ("l", "leave it running (`blipmon attach <sweep folder>` shows it again)", "leave"),
                     ],
                 ),
                 answer,
@@ -659,7 +853,7 @@ class SweepScreen(Screen[SweepResult]):
         code: int | None = None
         if self.live is not None:
             code = self.live.poll()
-            if code is None and self.state is not None and self.state.finished:
+            if code is None and self.owned and self.state is not None and self.state.finished:
                 code = self.live.wait(timeout=30)  # sweep.json says finished; the table is being printed
         if code is None and self.state is not None and self.state.finished:
             code = self.state.exit_code()
@@ -670,4 +864,19 @@ class SweepScreen(Screen[SweepResult]):
         self.dismiss(result)
 
 
-__all__ = ["LiveSweep", "QueueRow", "QueueState", "SweepFollower", "SweepResult", "SweepScreen", "sweep_command"]
+__all__ = [
+    "AttachedSweep",
+    "LiveSweep",
+    "NotTheSweep",
+    "QueueRow",
+    "QueueState",
+    "SweepControl",
+    "SweepFollower",
+    "SweepResult",
+    "SweepScreen",
+    "doc_exit_code",
+    "is_sweep_cmdline",
+    "sweep_alive",
+    "sweep_command",
+    "sweep_process",
+]

@@ -339,6 +339,7 @@ class FakeSweep:
     """Stands in for ``LiveSweep``: records what it was asked to sweep, and a sweep folder to show."""
 
     started: list[tuple[list[str], Path | None]] = []
+    owned = True  # started by the dashboard, as LiveSweep: leaving asks
 
     def __init__(self, configs: list[str], overrides: Any = (), out: Path | None = None) -> None:
         FakeSweep.started.append((list(configs), out))
