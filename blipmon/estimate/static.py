@@ -87,8 +87,10 @@ def analyse(model: Any, cfg: dict[str, Any], no_grad: frozenset[str], device: st
         buffers += b.numel() * b.element_size()
     state, state_dev, host, temp = _optimizer(optim, grad_sizes, device)
     if cfg["train"]["strategy"] == "deepspeed_stage_2_offload":
-        # ZeRO-2 offload: fp32 gradient partitions live in host memory next to the optimizer.
-        host += sum(4 * n for n, _b, _d in grad_sizes)
+        # ZeRO-2 offload: fp32 gradient partitions live in host memory next to the optimizer, and a second fp32
+        # copy accumulates them across micro-steps when accumulating (``accumulated_grads_in_cpu``).
+        copies = 2 if cfg["train"]["accumulate_grad_batches"] > 1 else 1
+        host += copies * sum(4 * n for n, _b, _d in grad_sizes)
     return Static(
         params=params,
         quant_state=quant,

@@ -372,6 +372,8 @@ def _timeline(
     if offload and on_host:
         return _offload_on_host(cfg, st, acts, fwd0, bwd0)
     if offload:
+        return _offload_on_gpu(cfg, st, acts, fwd0, bwd1)
+    if offload:
         # ZeRO-2 offload: gradients are reduced into host buffers bucket by bucket (``p.grad`` stays None); the
         # GPU holds one bucket (Lightning's default reduce_bucket_size of 2e8 elements) in the parameter dtype.
         # The optimizer's state is in host memory, reported apart (``host_optim_bytes``): the phases show the GPU.
@@ -422,5 +424,30 @@ def _offload_on_host(cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd0: i
             PhaseEstimate("after_fwd", step, st.params, grads, optim, acts, base + fwd0),
             PhaseEstimate("after_bwd", step, st.params, grads, optim, 0, base + bwd0),
             PhaseEstimate("after_opt_step", step, st.params, grads, 12 * n, 0, resident + grads + 12 * n),
+        ]
+    return out
+
+
+def _offload_on_gpu(cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd1: int) -> list[PhaseEstimate]:
+    """ZeRO-2 offload on a GPU: the device holds the weights, activations and, during backward, the reduce buckets.
+
+    DeepSpeed allocates each backward's gradient buckets (``reduce_bucket_size`` elements in the weights' dtype,
+    two of them with ``overlap_comm``, as ``blipmon.runner.zero_offload`` configures it on CUDA) and releases
+    them when the backward ends; gradients and optimizer state live in host RAM (``host_optim_bytes``), so the
+    phases show no gradients or optimizer state on the device. Each parameter's gradient passes through the
+    device on its way to a bucket: ``bwd1`` (the backward's peak with gradients "existing") covers that.
+    """
+    from blipmon.runner.zero_offload import BUCKET_ELEMENTS
+
+    half = cfg["train"]["precision"] in ("bf16-true", "bf16-mixed", "16-mixed")
+    buckets = 2 * BUCKET_ELEMENTS * (2 if half else 4) if st.grads else 0
+    resident = st.params + st.quant_state + st.buffers
+    out: list[PhaseEstimate] = []
+    for step in (0, 1):
+        out += [
+            PhaseEstimate("before_fwd", step, st.params, 0, 0, 0, resident),
+            PhaseEstimate("after_fwd", step, st.params, 0, 0, acts, resident + fwd0),
+            PhaseEstimate("after_bwd", step, st.params, 0, 0, 0, resident + buckets + bwd1),
+            PhaseEstimate("after_opt_step", step, st.params, 0, 0, 0, resident),
         ]
     return out
