@@ -134,10 +134,11 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
         import psutil
         import torch
 
-        from blipmon.runner.models import load_model, placement
+        from blipmon.runner.models import load_model, placement, prepare_files
         from blipmon.runner.sampler import Sampler
 
         cuda = torch.cuda.is_available() and cfg["model"]["device_map"] != "cpu"
+        prepare_files(cfg)  # before the process group: transformers saves on global rank 0 only
         dist.init(cuda)
         if dist.writes_run:
             emit("environment", **environment(cuda))

@@ -121,6 +121,29 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _save(model: Any, folder: Path) -> None:
+    """``save_pretrained``, refusing to leave an empty folder behind to be renamed into the cache.
+
+    Once a process group exists, transformers writes on global rank 0 only; the cache must be
+    filled before ``torch.distributed`` starts (``prepare_files``), since every node needs its own.
+    """
+    model.save_pretrained(folder)
+    if not (folder / "config.json").is_file():
+        raise RuntimeError(f"transformers wrote no checkpoint into {folder} (a torch.distributed rank other than 0?)")
+
+
+def prepare_files(cfg: dict[str, Any]) -> None:
+    """Write what ``load_model`` will read from blipmon's cache (a tiny model, a random snapshot) now.
+
+    Called before the process group starts: afterwards only global rank 0 could write it, and on a
+    machine of its own node 1 would wait forever for a file that node 0 wrote elsewhere.
+    """
+    source, weights = resolve_source(cfg)  # builds a tiny model
+    m = cfg["model"]
+    if weights == "random" and not Path(source).is_dir() and isinstance(m["device_map"], dict):
+        random_snapshot(source, architecture(source, weights, bool(m.get("trust_remote_code", False))))
+
+
 def ensure_tiny(name: str) -> Path:
     """Build and save a tiny model once; later calls (and other processes) reuse the directory."""
     target = cache_root() / "tiny" / f"{name.split('/', 1)[1]}-v{TINY_VERSION}"
@@ -138,7 +161,7 @@ def _build_tiny(name: str, target: Path) -> Path:
     model = model_class(cfg)(cfg)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        _save(model, tmp)
         try:
             os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
         except OSError:
@@ -235,7 +258,7 @@ def _save_random(model_id: str, arch: Any, target: Path) -> Path:
     model = model_class(arch)._from_config(arch, dtype=torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        _save(model, tmp)
         del model
         os.replace(tmp, target)
     finally:

@@ -41,12 +41,9 @@ def blipmon_run(shared: Path, cache: Path, node: int | None, port: int) -> subpr
 
 
 @pytest.fixture(scope="module")
-def node_runs(
-    tmp_path_factory: pytest.TempPathFactory, blipmon_cache: Path, tiny_models: dict[str, Path]
-) -> list[RunData]:
-    # The tiny model is built before the nodes start (``tiny_models``), as on real machines whose caches hold
-    # their model: two nodes sharing one machine and an empty cache sometimes fail the second node's first load
-    # (an open issue, see the session note), which this test is not about.
+def node_runs(tmp_path_factory: pytest.TempPathFactory, blipmon_cache: Path) -> list[RunData]:
+    # An empty model cache on purpose: both nodes build the tiny model at once. Once torch.distributed is up,
+    # transformers saves on global rank 0 only, so node 1 once renamed an empty folder into the cache.
     shared = tmp_path_factory.mktemp("shared")
     port = free_port()
     procs = [blipmon_run(shared, blipmon_cache, node, port) for node in (0, 1)]
