@@ -310,20 +310,26 @@ class EventReader:
 # corrupt line) falls back to ``json.loads`` for that line, so the result is always what the
 # per-line path would give. Nothing is ever evaluated: this only reads digits.
 
-SAMPLE_COLUMNS = ("t", "rss", "alloc", "res", "dev")
+SAMPLE_COLUMNS = ("t", "rss", "alloc", "res", "dev", "rank")
 _SAMPLE_PREFIX = b'{"type":"sample","t":'
 _KEY_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
 @dataclass(frozen=True)
 class SampleBatch:
-    """Samples as float64 columns; NaN where a figure is absent (``t`` and ``rss`` never are)."""
+    """Samples as float64 columns; NaN where a figure is absent (``t``, ``rss`` and ``rank`` never are).
+
+    ``rank`` is the sampler's rank (a DDP run's ranks all append to one stream); a sample without
+    one comes from a single-rank writer or rank 0, and reads as 0. It is kept as float64 like the
+    other columns so the bulk parser, ``fill`` and ``merge`` treat every column alike.
+    """
 
     t: np.ndarray
     rss: np.ndarray
     alloc: np.ndarray
     res: np.ndarray
     dev: np.ndarray
+    rank: np.ndarray
     last_t: float | None = None
 
     def __len__(self) -> int:
@@ -332,7 +338,7 @@ class SampleBatch:
     @staticmethod
     def empty() -> SampleBatch:
         e = np.empty(0, np.float64)
-        return SampleBatch(e, e, e, e, e)
+        return SampleBatch(e, e, e, e, e, e)
 
     @staticmethod
     def concat(batches: list[SampleBatch]) -> SampleBatch:
@@ -379,10 +385,18 @@ def _as_int(v: Any) -> float:
     return float(int(v))
 
 
-def sample_row(ev: dict[str, Any]) -> tuple[float, float, float, float, float, float]:
+def _as_rank(v: Any) -> float:
+    """A sample's rank: a non-negative integer, else 0 (absent, null or damaged: a single-rank writer's)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return float(v)
+    return 0.0
+
+
+def sample_row(ev: dict[str, Any]) -> tuple[float, float, float, float, float, float, float]:
     """One sample event as the column values ``Samples`` keeps, plus its ``t`` for ``last_t`` (NaN if none).
 
-    The one definition of how a sample record reads: used by the per-line and the bulk path alike.
+    The one definition of how a sample record reads: used by the per-line and the bulk path alike
+    (the bulk path sends every ``rank`` that is not plain digits or ``null`` here).
     """
     raw_t = ev.get("t")
     try:
@@ -397,6 +411,7 @@ def sample_row(ev: dict[str, Any]) -> tuple[float, float, float, float, float, f
         _as_int(ev.get("alloc")),
         _as_int(ev.get("res")),
         _as_int(ev.get("dev")),
+        _as_rank(ev.get("rank")),
         num_t,
     )
 
@@ -471,10 +486,12 @@ def parse_sample_lines(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> t
     last = np.where(failed, np.nan, t)
     last_t = float(np.nanmax(last)) if (~np.isnan(last)).any() else None
     cols["t"] = np.nan_to_num(t, nan=0.0)  # a null t reads as 0.0, as in the per-line path
-    for name in SAMPLE_COLUMNS[1:]:  # byte counts are integers: 1.5 reads as 1, as int() would
+    for name in SAMPLE_COLUMNS[1:5]:  # byte counts are integers: 1.5 reads as 1, as int() would
         np.trunc(cols[name], out=cols[name])
     rss = cols["rss"]
     rss[np.isnan(rss)] = 0.0
+    rank = cols["rank"]  # parsed as digits only (a dot, a sign, true went to json): absent or null is rank 0
+    rank[np.isnan(rank)] = 0.0
     return SampleBatch(*cols.values(), last_t=last_t), np.flatnonzero(failed)
 
 

@@ -78,6 +78,12 @@ class RankView:
     def all_ranks(self) -> bool:
         return self.multi and self.selected is None
 
+    @property
+    def sample_rank(self) -> int | None:
+        """Whose samples the timeline and the header's memory figures show: the selected rank, or
+        ``None`` for the whole run (all ranks' envelope; and a single-rank run, drawn as it always was)."""
+        return self.selected if self.multi else None
+
     def label(self) -> str:
         """The selection in words for the header ("" for a single-rank run, which looks as it always did)."""
         if not self.multi:

@@ -34,7 +34,12 @@ class Row:
 
 def median_step_seconds(run: RunData) -> float | None:
     """Steady-state step time: the first step pays for allocator warm-up and lazy init, so skip it."""
-    secs = [s["seconds"] for s in run.steps if isinstance(s.get("seconds"), (int, float))]
+    return median_seconds(run.steps)
+
+
+def median_seconds(steps: list[dict[str, Any]]) -> float | None:
+    """The median ``seconds`` of step records, the first one left out (warm-up), as ``median_step_seconds``."""
+    secs = [s["seconds"] for s in steps if isinstance(s.get("seconds"), (int, float))]
     if len(secs) > 1:
         secs = secs[1:]
     return statistics.median(secs) if secs else None
@@ -323,12 +328,16 @@ def _rank_table(run: RunData) -> list[str]:
     peaks = rank_peaks(run)
     if len(peaks) < 2:
         return []
-    out = [f"ranks    {len(peaks)}; each rank's peak phase (the run's peak is the maximum across ranks):"]
+    out = [f"ranks    {len(peaks)}; each rank's peak phase (the run's peak is the maximum across ranks) and step time:"]
     top = max((p for _, p in sorted(peaks.items())), key=phase_total)
     for rank, p in sorted(peaks.items()):
         cats = ", ".join(f"{c} {fmt_bytes(p.get(c))}" for c in ("params", "grads", "optim", "acts"))
         mark = "  <- max" if p is top else ""
-        out.append(f"  rank {rank}: {fmt_bytes(phase_total(p))} at step {p['step']} {p['phase']} ({cats}){mark}")
+        # Every rank waits for the slowest at each all-reduce, so a rank much faster than the others
+        # is the one waiting: the gap is where a straggler shows.
+        steps = run.steps_of(rank)
+        secs = f", median step {fmt_seconds(median_seconds(steps))} ({len(steps)} steps)" if steps else ", no steps"
+        out.append(f"  rank {rank}: {fmt_bytes(phase_total(p))} at step {p['step']} {p['phase']} ({cats}){secs}{mark}")
     return out
 
 
@@ -336,4 +345,13 @@ def phase_order(phase: str) -> int:
     return PHASES.index(phase) if phase in PHASES else len(PHASES)
 
 
-__all__ = ["Row", "compare_rows", "median_step_seconds", "phase_order", "phase_total", "render_compare", "render_show"]
+__all__ = [
+    "Row",
+    "compare_rows",
+    "median_seconds",
+    "median_step_seconds",
+    "phase_order",
+    "phase_total",
+    "render_compare",
+    "render_show",
+]

@@ -23,7 +23,8 @@ STATUSES = ("running", "ok", "oom", "error", "stopped", "killed")
 _STOP_SIGNALS = {"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"}
 
 
-_COLUMN_NAMES = ("t", "host_rss", "allocated", "reserved", "device_used")
+_COLUMN_NAMES = ("t", "host_rss", "allocated", "reserved", "device_used", "rank")
+_MEMORY = ("host_rss", "allocated", "reserved", "device_used")  # the columns holding bytes
 _OPTIONAL = ("allocated", "reserved", "device_used")
 
 
@@ -32,9 +33,10 @@ class Samples:
 
     Stored as float64 numpy columns (exact for byte counts below 2**53) because a day-long run has
     a million samples: as Python lists that is ~200 MB of objects and seconds to build. The list
-    attributes (``t``, ``host_rss``, ``allocated``, ``reserved``, ``device_used``) are still there
-    for callers that want them, built on first use; ``None`` stands for a figure not measured.
-    Only ever appended to, so an ``arrays()`` view taken earlier never changes under its reader.
+    attributes (``t``, ``host_rss``, ``allocated``, ``reserved``, ``device_used``, ``rank``) are
+    still there for callers that want them, built on first use; ``None`` stands for a figure not
+    measured. ``rank`` is the sampling rank (0 for a single-rank run). Only ever appended to, so an
+    ``arrays()`` view taken earlier never changes under its reader.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class Samples:
         allocated: list[int | None] | None = None,
         reserved: list[int | None] | None = None,
         device_used: list[int | None] | None = None,
+        rank: list[int] | None = None,
     ) -> None:
         self._cap = 0
         self._n = 0
@@ -52,10 +55,13 @@ class Samples:
         self._lists: dict[str, list[Any]] = {}
         self._max: dict[str, float] = {}
         self._max_n = 0
+        self._by_rank: dict[int, _RankPart] = {}  # filled only once a sample of a rank other than 0 arrives
+        self._by_rank_n = 0  # how many samples ``_by_rank`` has looked at
         given = [t, host_rss, allocated, reserved, device_used]
         if any(v is not None for v in given):
             n = max(len(v) for v in given if v is not None)
             cols = [np.full(n, np.nan) if v is None else np.array(v, np.float64) for v in given]
+            cols.append(np.zeros(n) if rank is None else np.array(rank, np.float64))
             self._push(cols)
 
     # -- writing ------------------------------------------------------------------------------
@@ -63,14 +69,14 @@ class Samples:
         return self._n + len(self._pending)
 
     def append(self, ev: dict[str, Any]) -> None:
-        self._pending.append(sample_row(ev)[:5])
+        self._pending.append(sample_row(ev)[: len(_COLUMN_NAMES)])
         if len(self._pending) >= 4096:
             self._flush()
 
     def extend_batch(self, batch: SampleBatch) -> None:
         if len(batch):
             self._flush()
-            self._push([batch.t, batch.rss, batch.alloc, batch.res, batch.dev])
+            self._push([batch.t, batch.rss, batch.alloc, batch.res, batch.dev, batch.rank])
 
     def _flush(self) -> None:
         if self._pending:
@@ -107,14 +113,43 @@ class Samples:
         """The largest value of each column (None if never measured), kept up to date incrementally."""
         self._flush()
         if self._max_n < self._n:
-            for name in _COLUMN_NAMES[1:]:
+            for name in _MEMORY:
                 tail = self._cols[name][self._max_n : self._n]
                 ok = tail[~np.isnan(tail)]
                 if len(ok):
                     m = float(ok.max())
                     self._max[name] = max(m, self._max.get(name, m))
             self._max_n = self._n
-        return {name: int(self._max[name]) if name in self._max else None for name in _COLUMN_NAMES[1:]}
+        return {name: int(self._max[name]) if name in self._max else None for name in _MEMORY}
+
+    def by_rank(self) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Each rank's samples apart: rank -> (their indices among all samples, their ``arrays()``).
+
+        Empty while every sample is rank 0 (a single-rank run: ``arrays()`` already is rank 0's, and
+        it pays one comparison per new sample, nothing more). Once another rank shows up, each
+        rank's samples are copied into columns of their own as they arrive, so a dashboard showing
+        one rank of a day-long run slices a prefix instead of filtering a million samples a second.
+        Incremental, like ``maxima``; the views returned never change under their reader.
+        """
+        self._flush()
+        n, done = self._n, self._by_rank_n
+        if n > done:
+            ranks = self._cols["rank"][done:n]
+            if not self._by_rank and not ranks.any():
+                self._by_rank_n = n
+                return {}
+            if not self._by_rank:
+                done = 0  # the first other rank: everything so far was rank 0's (or is sorted out now)
+                ranks = self._cols["rank"][:n]
+            keys = np.unique(ranks) if len(ranks) > 1 else ranks
+            for r in keys.tolist():
+                pos = done + np.flatnonzero(ranks == r)
+                part = self._by_rank.get(int(r))
+                if part is None:
+                    part = self._by_rank[int(r)] = _RankPart()
+                part.add(pos, [self._cols[c][pos] for c in _COLUMN_NAMES])
+            self._by_rank_n = n
+        return {r: (part.positions(), part.samples.arrays()) for r, part in sorted(self._by_rank.items())}
 
     def _list(self, name: str) -> list[Any]:
         self._flush()
@@ -123,7 +158,7 @@ class Samples:
             tail = self._cols[name][len(cached) : self._n]
             if name == "t":
                 cached.extend(tail.tolist())
-            elif name == "host_rss" or not np.isnan(tail).any():
+            elif name in ("host_rss", "rank") or not np.isnan(tail).any():
                 cached.extend(tail.astype(np.int64).tolist())
             else:
                 cached.extend(None if v != v else int(v) for v in tail.tolist())
@@ -149,6 +184,10 @@ class Samples:
     def device_used(self) -> list[int | None]:
         return self._list("device_used")
 
+    @property
+    def rank(self) -> list[int]:
+        return self._list("rank")
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Samples):
             return NotImplemented
@@ -159,6 +198,30 @@ class Samples:
 
     def __repr__(self) -> str:
         return f"Samples(n={len(self)})"
+
+
+class _RankPart:
+    """One rank's share of a ``Samples``: its own columns and where each of its samples sits in the whole."""
+
+    def __init__(self) -> None:
+        self.samples = Samples()
+        self._pos = np.empty(0, np.int64)
+        self._n = 0
+
+    def add(self, pos: np.ndarray, cols: list[np.ndarray]) -> None:
+        need = self._n + len(pos)
+        if need > len(self._pos):
+            grown = np.empty(max(need, 2 * len(self._pos), 1024), np.int64)
+            grown[: self._n] = self._pos[: self._n]
+            self._pos = grown
+        self._pos[self._n : need] = pos
+        self._n = need
+        self.samples._push(cols)
+
+    def positions(self) -> np.ndarray:
+        view = self._pos[: self._n]
+        view.flags.writeable = False
+        return view
 
 
 def _int(v: Any) -> int | None:
@@ -228,6 +291,20 @@ def _clean_step(ev: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def _clean_rank_step(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """Another rank's step (``rank_step``), typed like a ``step`` record; None when its step or rank is unusable.
+
+    A rank that is not a non-negative integer cannot be told apart from rank 0's ``step`` records,
+    so such a record is dropped rather than guessed at, as a step without a number is.
+    """
+    clean = _clean_step(ev)
+    rank = ev.get("rank")
+    if clean is None or not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        return None
+    clean["t"] = _num(ev.get("t"))
+    return clean
+
+
 def _clean_load(ev: dict[str, Any]) -> dict[str, Any]:
     out = _clean_fields(ev, {"params_bytes": int, "peak": int, "host_rss": int, "weights": str})
     out["seconds"] = _num(ev.get("seconds"))
@@ -258,6 +335,7 @@ class RunData:
     load: dict[str, Any] | None = None
     phases: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    rank_steps: list[dict[str, Any]] = field(default_factory=list)  # the other ranks' steps (``steps`` is rank 0's)
     samples: Samples = field(default_factory=Samples)
     generate: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -285,6 +363,10 @@ class RunData:
             clean = _clean_step(ev)
             if clean is not None:
                 self.steps.append(clean)
+        elif kind == "rank_step":
+            clean = _clean_rank_step(ev)
+            if clean is not None:
+                self.rank_steps.append(clean)
         elif kind == "header":
             self.header = ev
         elif kind == "config":
@@ -374,6 +456,12 @@ class RunData:
             return False
         return False
 
+    def steps_of(self, rank: int) -> list[dict[str, Any]]:
+        """``rank``'s step records: ``steps`` for rank 0 (which writes ``step``), its ``rank_step`` records else."""
+        if rank == 0:
+            return self.steps
+        return [s for s in self.rank_steps if s.get("rank") == rank]
+
     def peaks(self) -> dict[str, int | None]:
         sm = self.samples.maxima()
         alloc = [p.get("peak") or p.get("allocated") for p in self.phases] + [sm["allocated"]]
@@ -399,9 +487,13 @@ class RunData:
         return max(self.phases, key=phase_total)
 
     def summary(self) -> dict[str, Any]:
-        """The fixed JSON run summary of DESIGN.md."""
+        """The fixed JSON run summary of DESIGN.md.
+
+        A multi-rank run adds ``rank_steps`` (the other ranks' steps, each with its ``rank``): an
+        optional key, there only when such records exist, so a single-rank summary is unchanged.
+        """
         env = self.environment
-        return {
+        out: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "status": self.status,
@@ -446,6 +538,18 @@ class RunData:
             if self.exit
             else {"code": None, "signal": None},
         }
+        if self.rank_steps:
+            out["rank_steps"] = [
+                {
+                    "rank": s.get("rank"),
+                    "step": s.get("step"),
+                    "seconds": s.get("seconds"),
+                    "loss": s.get("loss"),
+                    "samples_per_s": s.get("samples_per_s"),
+                }
+                for s in self.rank_steps
+            ]
+        return out
 
 
 _PHASE_KEYS = ("step", "micro_step", "rank", "phase", "t", "params", "grads", "optim", "acts", "other",

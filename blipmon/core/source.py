@@ -20,9 +20,10 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -177,8 +178,8 @@ class PhaseIndex:
             return []
         return pos[: bisect.bisect_left(pos, n)]
 
-    def rank_phase_peaks(self, rank: int, n: int) -> dict[str, int]:
-        """Like ``phase_peaks``, over ``rank``'s records only: running maxima over that rank's subsequence.
+    def _rank_arrays(self, rank: int, n: int) -> tuple[int, dict[str, np.ndarray]]:
+        """Running maxima over ``rank``'s records among the first ``n``: how many there are, and the arrays.
 
         Kept apart from ``_arrays`` so a single-rank run never pays for it; computed only when a
         view asks for one rank, and again only when that rank's records grew.
@@ -188,59 +189,40 @@ class PhaseIndex:
         # thread may be mid-append beyond them).
         k = bisect.bisect_left(pos, n)
         if k <= 0:
-            return {}
+            return 0, {}
         cached = self._rank_cache.get(rank)
         if cached is None or cached[0] < k:
             v = np.array([self.vals[i] for i in pos[:k]], np.float64).reshape(k, 5)
-            out: dict[str, np.ndarray] = {}
+            out: dict[str, np.ndarray] = {
+                "alloc": np.maximum.accumulate(v[:, 0]),
+                "res": np.maximum.accumulate(v[:, 1]),
+                "rss": np.maximum.accumulate(v[:, 2]),
+            }
             for i, ph in enumerate(PHASES):
                 out[ph] = np.maximum.accumulate(np.where(v[:, 4] == i, v[:, 3], -1.0))
             cached = (k, out)
             self._rank_cache[rank] = cached
-        return {ph: int(arr[k - 1]) for ph, arr in cached[1].items() if arr[k - 1] >= 0}
+        return k, cached[1]
+
+    def rank_phase_peaks(self, rank: int, n: int) -> dict[str, int]:
+        """Like ``phase_peaks``, over ``rank``'s records only: running maxima over that rank's subsequence."""
+        k, arrays = self._rank_arrays(rank, n)
+        if k <= 0:
+            return {}
+        return {ph: int(arrays[ph][k - 1]) for ph in PHASES if arrays[ph][k - 1] >= 0}
+
+    def rank_peak(self, rank: int, key: str, n: int) -> float | None:
+        """Like ``peak`` (``alloc``, ``res`` or ``rss``), over ``rank``'s records among the first ``n``."""
+        k, arrays = self._rank_arrays(rank, n)
+        if k <= 0 or arrays[key][k - 1] < 0:
+            return None
+        return float(arrays[key][k - 1])
 
 
 def _rank_of(rec: dict[str, Any]) -> int:
     """A record's rank; a record without one comes from a single-rank writer, i.e. rank 0."""
     r = rec.get("rank")
     return r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else 0
-
-
-def _clean_rank_step(ev: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``rank_step`` record (another rank's step) with the types a ``step`` record has after ``RunData``.
-
-    ``RunData`` keeps only rank 0's ``step`` records (``show`` and ``compare`` need no more); the
-    dashboard's rank selector needs the others too, so the sources keep them on the side.
-    """
-    step, rank = ev.get("step"), ev.get("rank")
-    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(rank, int) or isinstance(rank, bool):
-        return None
-    out = dict(ev)
-    for key in ("t", "seconds", "loss", "samples_per_s"):
-        v = ev.get(key)
-        out[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-    return out
-
-
-class _RankStepTap:
-    """An ``EventReader`` seen through ``RunData.follow``, keeping the ``rank_step`` records it drops.
-
-    A tap rather than a copy of ``RunData.follow``: the run is still folded by the one function
-    every reader uses, and the dashboard only adds what it alone needs.
-    """
-
-    def __init__(self, reader: EventReader, sink: list[dict[str, Any]]) -> None:
-        self.reader = reader
-        self.sink = sink
-
-    def poll_batch(self, *args: Any, **kwargs: Any) -> Any:
-        events, batch = self.reader.poll_batch(*args, **kwargs)
-        for ev in events:
-            if ev.get("type") == "rank_step":
-                clean = _clean_rank_step(ev)
-                if clean is not None:
-                    self.sink.append(clean)
-        return events, batch
 
 
 def _num_or(v: Any, default: float = -1.0) -> float:
@@ -283,6 +265,8 @@ class Snapshot:
     phases: Sequence[dict[str, Any]] = ()
     steps: Sequence[dict[str, Any]] = ()
     rank_steps: Sequence[dict[str, Any]] = ()  # the other ranks' ``rank_step`` records (``steps`` is rank 0's)
+    # Each rank's samples apart, keyed like ``samples``; empty when every sample is rank 0's (one rank).
+    rank_samples: Mapping[int, dict[str, np.ndarray]] = field(default_factory=dict)
     oom: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
@@ -308,31 +292,57 @@ class Snapshot:
         v = self.environment.get("gpu_total_bytes")
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    def peaks(self) -> dict[str, int | None]:
-        """Peaks so far, by the same rules as ``RunData.peaks`` (allocator peaks at phases included)."""
-        if "peaks" in self._memo:
-            return self._memo["peaks"]
+    def samples_of(self, rank: int | None) -> dict[str, np.ndarray]:
+        """The samples of one rank, or every sample (``None``: all ranks, whose timeline is their envelope).
+
+        A run whose samples are all rank 0's keeps no split: rank 0's are ``samples`` themselves,
+        so a single-rank run draws from exactly the arrays it always did. A rank that has sampled
+        nothing yet (announced, still starting) has no samples rather than someone else's.
+        """
+        if rank is None:
+            return self.samples
+        if not self.rank_samples:
+            return self.samples if rank == 0 else {k: v[:0] for k, v in self.samples.items()}
+        mine = self.rank_samples.get(rank)
+        return mine if mine is not None else {k: v[:0] for k, v in self.samples.items()}
+
+    def peaks(self, rank: int | None = None) -> dict[str, int | None]:
+        """Peaks so far, by the same rules as ``RunData.peaks`` (allocator peaks at phases included).
+
+        ``rank=None``: over the whole run (every rank). A rank: over its samples and its phase
+        records only (and the load record, for rank 0, which writes it), so the figures beside one
+        rank's timeline are that rank's.
+        """
+        memo_key = "peaks" if rank is None else ("peaks", rank)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
         index = self.index
         if index is None:
             index = PhaseIndex()
             index.extend(list(self.phases))
         n = len(self.phases)
+        samples = self.samples_of(rank)
         out: dict[str, int | None] = {}
         for key, col in (("allocated", "alloc"), ("reserved", "res"), ("device_used", "dev"), ("host_rss", "rss")):
             vals: list[float] = []
-            arr = self.samples.get(col)
+            arr = samples.get(col)
             if arr is not None and len(arr):
                 m = np.nanmax(arr) if not np.isnan(arr).all() else np.nan
                 if not np.isnan(m):
                     vals.append(float(m))
             if col in ("alloc", "res", "rss"):
-                v = index.peak(col, n)
+                v = index.peak(col, n) if rank is None else index.rank_peak(rank, col, n)
                 if v is not None:
                     vals.append(v)
-            if key == "allocated" and self.load and isinstance(self.load.get("peak"), (int, float)):
+            if (
+                key == "allocated"
+                and rank in (None, 0)
+                and self.load
+                and isinstance(self.load.get("peak"), (int, float))
+            ):
                 vals.append(float(self.load["peak"]))
             out[key] = int(max(vals)) if vals else None
-        self._memo["peaks"] = out
+        self._memo[memo_key] = out
         return out
 
     def latest_step(self, rank: int = 0) -> list[dict[str, Any]]:
@@ -398,6 +408,7 @@ class Snapshot:
         index = self.index
         seen = set(index.ranks(len(self.phases))) if index is not None else {_rank_of(p) for p in self.phases}
         seen |= {_rank_of(s) for s in self.rank_steps}
+        seen |= set(self.rank_samples)
         out = tuple(sorted(seen | set(range(self.world_size()))))
         self._memo["ranks"] = out
         return out
@@ -512,8 +523,6 @@ class FileFollowSource(RunSource):
         self.clock = clock
         self.run = RunData(path=self.run_dir)
         self.reader = EventReader(self.run_dir)
-        self.rank_steps: list[dict[str, Any]] = []
-        self._tap = _RankStepTap(self.reader, self.rank_steps)
         self.log = LogTail(self.run_dir / LOG)
         self.index = PhaseIndex()
         self._version = 0
@@ -527,12 +536,12 @@ class FileFollowSource(RunSource):
     def poll(self) -> Snapshot:
         if self._problem is None:
             try:
-                self.run.follow(self._tap)  # type: ignore[arg-type]
+                self.run.follow(self.reader)
             except ProfileError as e:
                 self._problem = str(e)
         log_changed = self.log.poll()
         run = self.run
-        counts = (len(run.samples), len(run.phases), len(run.steps), len(self.rank_steps), len(run.notes))
+        counts = (len(run.samples), len(run.phases), len(run.steps), len(run.rank_steps), len(run.notes))
         status = run.status if run.header else "starting"
         now = self._elapsed()
         changed = counts != self._counts or status != self._status or log_changed or int(now) != self._last_second
@@ -553,7 +562,6 @@ class FileFollowSource(RunSource):
                 self.log.snapshot(),
                 self._problem,
                 index=self.index,
-                rank_steps=Prefix(self.rank_steps, len(self.rank_steps)),
             )
         return self._last
 
@@ -577,20 +585,17 @@ def _snapshot_of(
     log: tuple[str, ...],
     problem: str | None,
     *,
-    n: tuple[int, int, int] | None = None,
+    n: tuple[int, int, int, int] | None = None,
     replay: ReplayState | None = None,
     upto: float | None = None,
     index: PhaseIndex | None = None,
-    rank_steps: Sequence[dict[str, Any]] = (),
 ) -> Snapshot:
     arrays = run.samples.arrays()
-    ns, nph, nst = n if n is not None else (len(arrays["t"]), len(run.phases), len(run.steps))
-    samples = {
-        "t": arrays["t"][:ns],
-        "rss": arrays["host_rss"][:ns],
-        "alloc": arrays["allocated"][:ns],
-        "res": arrays["reserved"][:ns],
-        "dev": arrays["device_used"][:ns],
+    ns, nph, nst, nrs = n if n is not None else (len(arrays["t"]), len(run.phases), len(run.steps), len(run.rank_steps))
+    samples = _sample_views(arrays, ns)
+    # Each rank's samples among the first ``ns`` (nothing for a single-rank run, whose samples are all rank 0's).
+    rank_samples = {
+        r: _sample_views(cols, int(np.searchsorted(pos, ns))) for r, (pos, cols) in run.samples.by_rank().items()
     }
 
     def seen(ev: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -616,7 +621,8 @@ def _snapshot_of(
         samples=samples,
         phases=Prefix(run.phases, nph),
         steps=Prefix(run.steps, nst),
-        rank_steps=rank_steps,
+        rank_steps=Prefix(run.rank_steps, nrs),
+        rank_samples=MappingProxyType(rank_samples),
         oom=seen(run.oom),
         error=seen(run.error),
         exit=run.exit if upto is None else None,
@@ -626,6 +632,17 @@ def _snapshot_of(
         problem=problem,
         index=index,
     )
+
+
+def _sample_views(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` samples of ``Samples.arrays()`` under the short names the dashboard uses."""
+    return {
+        "t": arrays["t"][:n],
+        "rss": arrays["host_rss"][:n],
+        "alloc": arrays["allocated"][:n],
+        "res": arrays["reserved"][:n],
+        "dev": arrays["device_used"][:n],
+    }
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -658,8 +675,6 @@ class ReplaySource(RunSource):
         self.paused = False
         self.run = RunData(path=self.run_dir)
         self.reader = EventReader(self.run_dir)
-        self.rank_steps: list[dict[str, Any]] = []
-        self._tap = _RankStepTap(self.reader, self.rank_steps)
         self._lock = threading.Lock()
         self._size = max((self.run_dir / EVENTS).stat().st_size, 1)
         self._chunk = chunk_bytes
@@ -694,14 +709,15 @@ class ReplaySource(RunSource):
         with self._lock:
             before = self.reader._offset
             try:
-                self.run.follow(self._tap, max_bytes=min(self._chunk, 256 << 10) if first else self._chunk)  # type: ignore[arg-type]
+                self.run.follow(self.reader, max_bytes=min(self._chunk, 256 << 10) if first else self._chunk)
             except ProfileError as e:
                 self._problem, self._done = str(e), True
                 return
             self._phase_t.extend(float(p.get("t") or 0.0) for p in self.run.phases[len(self._phase_t) :])
             self.index.extend(self.run.phases)
             self._step_t.extend(float(s.get("t") or 0.0) for s in self.run.steps[len(self._step_t) :])
-            self._rank_step_t.extend(float(s.get("t") or 0.0) for s in self.rank_steps[len(self._rank_step_t) :])
+            rank_steps = self.run.rank_steps
+            self._rank_step_t.extend(float(s.get("t") or 0.0) for s in rank_steps[len(self._rank_step_t) :])
             # Done when nothing more could be read: the end, or a truncated last line.
             self._done = self.reader._offset == before
             if self._done:
@@ -796,11 +812,10 @@ class ReplaySource(RunSource):
                     pos,
                     self.log.snapshot(),
                     self._problem,
-                    n=(ns, nph, nst),
+                    n=(ns, nph, nst, nrs),
                     replay=state,
                     upto=None if at_end else pos,
                     index=self.index,
-                    rank_steps=Prefix(self.rank_steps, nrs),
                 )
                 if at_end:
                     snap = replace(snap, finished=True)

@@ -4,8 +4,9 @@ The screen polls its source on a timer and hands each snapshot to its widgets; w
 only what changed. Which keys exist depends on the mode: ``s`` stops only a run we launched,
 the replay keys only in a replay. Leaving never stops a run unless the user says so.
 
-A multi-rank run adds ``r``: the header, phase bars and step charts show rank 0, then each rank in
-turn, then all ranks at once (each phase's min..max across ranks). The choice is the screen's
+A multi-rank run adds ``r``: the header, memory timeline, phase bars and step charts show rank 0,
+then each rank in turn, then all ranks at once (the timeline as the envelope of every rank's
+samples, each phase's min..max across ranks). The choice is the screen's
 alone; the snapshot stays the same, so live, attach and replay behave identically.
 """
 
@@ -117,7 +118,7 @@ class RunScreen(Screen[RunResult]):
         self.snapshot = snap
         view = rank_view(snap, self.rank)
         self.query_one(RunHeader).show(snap, view)
-        self.query_one(TimelineChart).show(snap)
+        self.query_one(TimelineChart).show(snap, view.sample_rank)
         self.query_one(PhaseBars).show(snap, view)
         self.query_one(StepCharts).show(snap, view)
         text = banner_text(snap)

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from blipmon import cli
@@ -20,13 +21,14 @@ from blipmon.core.profile import (
     EventReader,
     EventWriter,
     ProfileError,
+    SampleBatch,
     check_run_dir,
     iter_run_dirs,
     read_all,
     read_config,
     write_config,
 )
-from blipmon.core.run import load_run
+from blipmon.core.run import RunData, load_run
 
 HEADER = {"type": "header", "t": 0.0, "format_version": FORMAT_VERSION, "name": "r", "pid": 1, "hostname": "x"}
 
@@ -294,3 +296,74 @@ def test_nothing_in_a_profile_is_executed(tmp_path: Path) -> None:
     run = load_run(d)
     assert run.notes == [payload]
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+# -- the rank column of bulk-read samples --------------------------------------------------------------
+
+
+def _sample_lines(n: int) -> list[str]:
+    """Two ranks' samplers interleaved as a DDP run writes them: rank 0 without ``rank``, rank 1 with it."""
+    out = []
+    for i in range(n):
+        t = round(1.0 + i * 0.05, 6)
+        if i % 2:
+            out.append(f'{{"type":"sample","t":{t},"rss":{2000 + i},"rank":1,"alloc":{i},"res":{2 * i},"dev":7}}')
+        else:
+            out.append(f'{{"type":"sample","t":{t},"rss":{1000 + i},"alloc":{i},"res":{2 * i},"dev":7}}')
+    return out
+
+
+def test_bulk_samples_carry_their_rank_and_a_sample_without_one_is_rank_0(tmp_path: Path) -> None:
+    d = make_run(tmp_path, line(HEADER), *(s.encode() + b"\n" for s in _sample_lines(400)))
+    events, batch = EventReader(d).poll_batch()
+    assert [e["type"] for e in events] == ["header"] and len(batch) == 400
+    assert batch.rank.dtype == np.float64
+    assert batch.rank.tolist() == [float(i % 2) for i in range(400)]
+    assert (batch.rss[batch.rank == 1] >= 2000).all() and (batch.rss[batch.rank == 0] < 2000).all()
+    run = load_run(d)
+    assert run.samples.rank == [i % 2 for i in range(400)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "rank"),
+    [
+        ("3", 3),
+        ("null", 0),
+        ("-1", 0),  # not a rank: a damaged record reads as the single-rank writer's
+        ("1.0", 0),
+        ("1.5", 0),
+        ("true", 0),
+        ('"1"', 0),
+        ("[1]", 0),
+        ("1e0", 0),
+    ],
+)
+def test_an_odd_rank_reads_the_same_in_bulk_and_line_by_line(tmp_path: Path, raw: str, rank: int) -> None:
+    odd = f'{{"type":"sample","t":9.5,"rss":5,"rank":{raw}}}'
+    lines = [line(HEADER), *(s.encode() + b"\n" for s in _sample_lines(200)), odd.encode() + b"\n"]
+    d = make_run(tmp_path, *lines)
+    _, batch = EventReader(d).poll_batch()
+    assert len(batch) == 201 and batch.rank[-1] == rank and batch.rss[-1] == 5
+    slow = RunData()
+    slow.extend(EventReader(d).poll())
+    assert slow.samples == load_run(d).samples
+
+
+def test_sample_batch_keeps_the_rank_through_fill_merge_and_concat(tmp_path: Path) -> None:
+    # A sample in another key order (read by json, merged back in place) and a corrupt one among ranked samples.
+    lines = _sample_lines(50)
+    lines.insert(10, '{"rank":2,"type":"sample","t":1.49,"rss":77}')
+    lines.insert(20, '{"type":"sample","t":1.9,"rss":12,"rank":2,garbage}')
+    d = make_run(tmp_path, line(HEADER), *(s.encode() + b"\n" for s in lines))
+    reader = EventReader(d)
+    batches = []
+    while True:
+        _, b = reader.poll_batch(max_bytes=700)
+        if not len(b) and reader._offset >= (d / EVENTS).stat().st_size:
+            break
+        batches.append(b)
+    whole = SampleBatch.concat(batches)
+    assert len(whole) == 51 and len(whole.rank) == 51
+    assert whole.rank[10] == 2 and whole.rss[10] == 77
+    assert whole.rank.tolist()[:10] == [float(i % 2) for i in range(10)]
+    assert SampleBatch.empty().rank.shape == (0,)

@@ -253,3 +253,40 @@ def test_oom_where() -> None:
     assert oom_where(make_run("a")) == ""
     run = make_run("a", extra=({"type": "oom", "t": 1, "step": 4, "phase": "forward", "requested_bytes": None},))
     assert oom_where(run) == "step 4 forward"
+
+
+# -- ranks -----------------------------------------------------------------------------------------------
+
+
+def _two_ranks(rank1_seconds: tuple[Any, ...]) -> RunData:
+    """``make_run``'s rank 0 (steps 2.0, 1.0, 1.2 s) with a rank 1 that recorded phases and ``rank_step`` records."""
+    r1_phases = tuple(
+        {"type": "phase", "t": 1.0 + s, "step": s, "micro_step": 0, "rank": 1, "phase": ph, "params": GIB,
+         "grads": 0, "optim": GIB, "acts": 0, "other": None, "host_rss": 2 * GIB}
+        for s in range(3) for ph in ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
+    )  # fmt: skip
+    r1_steps = tuple(
+        {"type": "rank_step", "t": 2.0 + i, "rank": 1, "step": i, "seconds": v, "loss": 1.0, "samples_per_s": 4.0}
+        for i, v in enumerate(rank1_seconds)
+    )
+    return make_run("ddp", extra=r1_phases + r1_steps)
+
+
+def _rank_lines(text: str) -> dict[int, str]:
+    return {int(line.split()[1].rstrip(":")): line for line in text.splitlines() if line.startswith("  rank ")}
+
+
+def test_show_gives_each_ranks_median_step_time() -> None:
+    text = render_show(_two_ranks((3.0, 2.0, 2.5, 2.25)))
+    assert "ranks    2; each rank's peak phase" in text and "step time" in text
+    lines = _rank_lines(text)
+    # the first step is warm-up and left out, as in the run's own median: rank 0 -> median(1.0, 1.2)
+    assert "median step 1.10 s (3 steps)" in lines[0] and "<- max" in lines[0]
+    assert "median step 2.25 s (4 steps)" in lines[1]
+
+
+def test_show_survives_a_rank_without_steps_or_step_times() -> None:
+    lines = _rank_lines(render_show(_two_ranks(())))
+    assert lines[1].endswith(", no steps")
+    lines = _rank_lines(render_show(_two_ranks((None, "x"))))
+    assert "median step — (2 steps)" in lines[1]

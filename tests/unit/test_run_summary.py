@@ -249,3 +249,65 @@ def _events_of(run: RunData) -> list[dict[str, Any]]:
     evs: list[dict[str, Any]] = [run.header, {"type": "config", "t": 0.0, "config": run.config}, run.environment]
     evs += [x for x in (run.load, *run.phases, run.oom, run.end, run.exit) if x is not None]
     return evs
+
+
+# -- other ranks' steps ------------------------------------------------------------------------------
+
+
+def rank_step(rank: Any, step: Any, **kw: Any) -> dict[str, Any]:
+    return {"type": "rank_step", "t": 2.0 + (step if isinstance(step, int) else 0), "rank": rank, "step": step,
+            "seconds": 0.5, "loss": 1.5, "samples_per_s": 8.0, "micro_steps": 1, **kw}  # fmt: skip
+
+
+def test_rank_steps_are_kept_typed_like_steps_apart_from_rank_0s_steps() -> None:
+    run = run_of(
+        header(world_size=2),
+        {"type": "step", "t": 2.0, "step": 0, "seconds": 0.4, "loss": 1.0, "samples_per_s": 10.0},
+        rank_step(1, 0, seconds=1, loss=None),
+        rank_step(2, 0, samples_per_s=7),
+        rank_step(1, 1),
+    )
+    assert [s["step"] for s in run.steps] == [0]  # rank 0's steps stay what they were
+    assert [(s["rank"], s["step"]) for s in run.rank_steps] == [(1, 0), (2, 0), (1, 1)]
+    first = run.rank_steps[0]
+    assert first["seconds"] == 1.0 and isinstance(first["seconds"], float) and first["loss"] is None
+    assert run.rank_steps[1]["samples_per_s"] == 7.0 and isinstance(run.rank_steps[0]["t"], float)
+    assert run.steps_of(0) is run.steps
+    assert [s["step"] for s in run.steps_of(1)] == [0, 1] and run.steps_of(3) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        rank_step(None, 0),
+        rank_step("1", 0),
+        rank_step(True, 0),
+        rank_step(-1, 0),
+        rank_step(1.0, 0),
+        rank_step(1, None),
+        rank_step(1, "3"),
+        rank_step(1, False),
+        {"type": "rank_step", "t": 1.0},
+        {"type": "rank_step", "rank": [1], "step": {"x": 1}},
+    ],
+)
+def test_a_damaged_rank_step_is_dropped_never_a_crash(bad: dict[str, Any]) -> None:
+    run = run_of(header(), bad, rank_step(1, 0))
+    assert [(s["rank"], s["step"]) for s in run.rank_steps] == [(1, 0)]
+    assert run.summary()["rank_steps"] == [{"rank": 1, "step": 0, "seconds": 0.5, "loss": 1.5, "samples_per_s": 8.0}]
+
+
+def test_damaged_figures_of_a_rank_step_read_as_not_measured() -> None:
+    run = run_of(header(), rank_step(1, 2, t="soon", seconds="fast", loss=[1], samples_per_s=True))
+    (s,) = run.rank_steps
+    assert (s["t"], s["seconds"], s["loss"], s["samples_per_s"]) == (None, None, None, None)
+    json.dumps(run.summary(), allow_nan=False)
+
+
+def test_summary_adds_rank_steps_only_for_a_run_that_has_them() -> None:
+    assert "rank_steps" not in full_run().summary()  # the DESIGN keys, exactly, for a single-rank run
+    run = run_of(header(), rank_step(1, 0), rank_step(1, 1, seconds=0.25))
+    s = run.summary()
+    assert set(s) == SUMMARY_KEYS | {"rank_steps"}
+    assert [(r["rank"], r["step"], r["seconds"]) for r in s["rank_steps"]] == [(1, 0, 0.5), (1, 1, 0.25)]
+    assert all(set(r) == {"rank", "step", "seconds", "loss", "samples_per_s"} for r in s["rank_steps"])

@@ -39,8 +39,12 @@ def bar(fraction: float, width: int) -> str:
     return "█" * fill + "░" * (width - fill)
 
 
-def header_lines(snap: Snapshot, width: int, rank_label: str = "") -> list[Strip]:
-    """The two header rows; ``rank_label`` (e.g. ``rank 1 of 2``) is shown only when not empty."""
+def header_lines(snap: Snapshot, width: int, rank_label: str = "", rank: int | None = None) -> list[Strip]:
+    """The two header rows; ``rank_label`` (e.g. ``rank 1 of 2``) is shown only when not empty.
+
+    ``rank``: the memory peaks are that rank's (its samples and phase records), as the timeline
+    below is; ``None`` gives the whole run's.
+    """
     status = snap.status
     line1: list[tuple[str, Style | None]] = [
         ("● ", theme.status_style(status)),
@@ -77,7 +81,7 @@ def header_lines(snap: Snapshot, width: int, rank_label: str = "") -> list[Strip
         ]
     elif snap.steps:
         line2.append((f"step {done}   ", None))
-    pk = snap.peaks()
+    pk = snap.peaks(rank)
     peak_parts = []
     if pk.get("allocated") is not None:
         peak_parts.append(f"alloc {fmt_bytes(pk['allocated'])}")
@@ -101,14 +105,18 @@ class RunHeader(LinesWidget):
         super().__init__(**kwargs)
         self.snapshot: Snapshot | None = None
         self.rank_label = ""
+        self.rank: int | None = None
 
     def show(self, snap: Snapshot, view: RankView | None = None) -> None:
         self.snapshot = snap
         self.rank_label = view.label() if view is not None else ""
-        self.set_data((snap.version, self.rank_label))
+        self.rank = view.sample_rank if view is not None else None
+        self.set_data((snap.version, self.rank_label, self.rank))
 
     def build(self, width: int, height: int) -> list[Strip]:
-        return [] if self.snapshot is None else header_lines(self.snapshot, width, self.rank_label)[:height]
+        if self.snapshot is None:
+            return []
+        return header_lines(self.snapshot, width, self.rank_label, self.rank)[:height]
 
 
 def banner_text(snap: Snapshot) -> str | None:

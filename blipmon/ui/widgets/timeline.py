@@ -22,11 +22,16 @@ from blipmon.ui.widgets.base import LinesWidget, strip
 GUTTER = 7
 
 
-def shown_series(snap: Snapshot) -> list[tuple[str, str, str, np.ndarray]]:
-    """(key, label, colour, values) of every series that has at least one measured value."""
+def shown_series(snap: Snapshot, rank: int | None = None) -> list[tuple[str, str, str, np.ndarray]]:
+    """(key, label, colour, values) of every series that has at least one measured value.
+
+    ``rank`` picks one rank's samples; ``None`` plots every sample, which for several ranks is
+    their envelope (each column's min and max across the ranks' samples).
+    """
+    samples = snap.samples_of(rank)
     out = []
     for key, label, color in theme.SERIES:
-        arr = snap.samples.get(key)
+        arr = samples.get(key)
         if arr is not None and len(arr) and not np.isnan(arr).all():
             out.append((key, label, color, arr))
     return out
@@ -39,16 +44,20 @@ def time_range(snap: Snapshot) -> tuple[float, float]:
     return 0.0, max(snap.now, last, 5.0)
 
 
-def timeline_lines(snap: Snapshot, width: int, height: int) -> list[Strip]:
-    """The whole chart as rows of cells; pure, so tests can read it without a terminal."""
+def timeline_lines(snap: Snapshot, width: int, height: int, rank: int | None = None) -> list[Strip]:
+    """The whole chart as rows of cells; pure, so tests can read it without a terminal.
+
+    ``rank``: one rank's samples and peaks (``None``: the whole run). The time axis is the whole
+    run's either way, so moving between ranks never rescales it.
+    """
     rows: list[Strip] = []
-    series = shown_series(snap)
+    series = shown_series(snap, rank)
     gpu_total = snap.gpu_total if snap.cuda else None
-    rows.append(_legend(snap, series, gpu_total, width))
+    rows.append(_legend(snap, series, gpu_total, width, rank))
     plot_h = max(height - 3, 1)
     plot_w = max(width - GUTTER, 1)
     t0, t1 = time_range(snap)
-    t = snap.samples.get("t", np.empty(0))
+    t = snap.samples_of(rank).get("t", np.empty(0))
     cols = [tl.minmax_columns(t, arr, t0, t1, 2 * plot_w) for _, _, _, arr in series]
     top = max([float(np.nanmax(hi)) for _, hi in cols if not np.isnan(hi).all()] + [float(gpu_total or 0), 2.0**20])
     axis_top, ticks, unit, div = tl.byte_axis(top)
@@ -92,8 +101,14 @@ _SHORT_LABEL = {"alloc": "alloc", "res": "res", "dev": "dev", "rss": "host"}
 _PEAK_KEY = {"alloc": "allocated", "res": "reserved", "dev": "device_used", "rss": "host_rss"}
 
 
-def _legend(snap: Snapshot, series: list[tuple[str, str, str, np.ndarray]], gpu_total: int | None, width: int) -> Strip:
-    """Series with their peaks, and the GPU's capacity; short labels when the terminal is narrow."""
+def _legend(
+    snap: Snapshot,
+    series: list[tuple[str, str, str, np.ndarray]],
+    gpu_total: int | None,
+    width: int,
+    rank: int | None = None,
+) -> Strip:
+    """Series with their peaks (``rank``'s, or the whole run's), and the GPU's capacity; short labels when narrow."""
     narrow = width < 110
     parts: list[tuple[str, Style | None]] = [("memory ", theme.BOLD)] if not narrow else []
     if gpu_total:
@@ -101,7 +116,7 @@ def _legend(snap: Snapshot, series: list[tuple[str, str, str, np.ndarray]], gpu_
             ("━", Style(color=theme.CAPACITY_COLOR)),
             (f"GPU {tl.short_bytes(gpu_total) if narrow else fmt_bytes(gpu_total)}  ", None),
         ]
-    peaks = snap.peaks()
+    peaks = snap.peaks(rank)
     for key, label, color, _ in reversed(series):
         peak = peaks.get(_PEAK_KEY[key])
         text = f"{_SHORT_LABEL[key]} {tl.short_bytes(peak)} " if narrow else f"{label} {fmt_bytes(peak)}  "
@@ -149,7 +164,7 @@ def _merge(parts: list[tuple[str, Style | None]]) -> list[tuple[str, Style | Non
 
 
 class TimelineChart(LinesWidget):
-    """The memory timeline of the current snapshot."""
+    """The memory timeline of the current snapshot: every sample, or one rank's (``show(snap, rank)``)."""
 
     DEFAULT_CSS = """
     TimelineChart { height: 1fr; min-height: 6; }
@@ -158,12 +173,14 @@ class TimelineChart(LinesWidget):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot: Snapshot | None = None
+        self.rank: int | None = None
 
-    def show(self, snap: Snapshot) -> None:
+    def show(self, snap: Snapshot, rank: int | None = None) -> None:
         self.snapshot = snap
-        self.set_data((snap.data_version, round(snap.now), snap.path))
+        self.rank = rank
+        self.set_data((snap.data_version, round(snap.now), snap.path, rank))
 
     def build(self, width: int, height: int) -> list[Strip]:
         if self.snapshot is None:
             return []
-        return timeline_lines(self.snapshot, width, height)
+        return timeline_lines(self.snapshot, width, height, self.rank)
