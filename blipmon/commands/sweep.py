@@ -103,16 +103,22 @@ class NotRun(RunData):
         return {"allocated": None, "reserved": None, "device_used": None, "host_rss": None}
 
 
-def sweep_eta(durations: list[float], runs_left: int, current_left: float | None = None) -> float | None:
+def sweep_eta(
+    durations: list[float], runs_left: int, current_left: float | None = None, current_elapsed: float | None = None
+) -> float | None:
     """Seconds left: the current run's estimate plus the mean finished run for each one still to start.
 
-    One function for the terminal progress and the dashboard's queue, so both say the same ETA.
+    A current run with no step yet (still loading) is assumed to take the mean run (``current_elapsed``
+    is how long it has run so far). One function for the terminal progress and the dashboard's queue,
+    so both say the same ETA.
     """
+    mean = sum(durations) / len(durations) if durations else None
+    if current_left is None and current_elapsed is not None and mean is not None:
+        current_left = max(mean - current_elapsed, 0.0)
     if runs_left == 0 and current_left is None:
-        return 0.0
-    if not durations:
+        return None if current_elapsed is not None else 0.0
+    if mean is None:
         return current_left if runs_left == 0 else None
-    mean = sum(durations) / len(durations)
     return (current_left or 0.0) + mean * runs_left
 
 
@@ -197,9 +203,11 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self._live_len = 0
 
-    def eta(self, runs_left: int, current_left: float | None = None) -> float | None:
+    def eta(
+        self, runs_left: int, current_left: float | None = None, current_elapsed: float | None = None
+    ) -> float | None:
         """Seconds left (``sweep_eta`` over the runs finished so far)."""
-        return sweep_eta(self.durations, runs_left, current_left)
+        return sweep_eta(self.durations, runs_left, current_left, current_elapsed)
 
     @staticmethod
     def _eta_text(eta: float | None) -> str:
@@ -231,7 +239,7 @@ class Progress:
             step = f", step {done}"
         text = (
             f"[{i}/{self.total}] {e.name}: {run.status}{step}, {fmt_seconds(elapsed)} elapsed, "
-            f"{self._eta_text(self.eta(runs_left, current_left))}"
+            f"{self._eta_text(self.eta(runs_left, current_left, elapsed))}"
         )
         self.stream.write("\r\x1b[K" + text[:200])
         self.stream.flush()

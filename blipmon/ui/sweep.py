@@ -481,7 +481,8 @@ class SweepFollower:
             elapsed = max(now - float(started), 0.0) if isinstance(started, (int, float)) else 0.0
         self._last_elapsed = elapsed
         running = any(r.status == "running" for r in rows)
-        eta = None if finished else sweep_eta(durations, runs_left, current_left if running else None)
+        current_seconds = next((r.seconds for r in rows if r.status == "running"), None)
+        eta = None if finished else sweep_eta(durations, runs_left, current_left if running else None, current_seconds)
         return QueueState(self.sweep_dir, tuple(rows), elapsed, eta, finished, True)
 
 
@@ -652,7 +653,7 @@ class SweepScreen(Screen[SweepResult]):
                 for r, row, old in zip(state.rows, cells, self._shown, strict=True):
                     for (_, key), cell, before in zip(COLUMNS, row, old, strict=True):
                         if cell.plain != before:
-                            table.update_cell(str(r.index), key, cell)
+                            table.update_cell(str(r.index), key, cell, update_width=True)
             self._shown = plain
         self._cursor_follows(state)
         self._show_detail()
