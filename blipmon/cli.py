@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
     s.add_argument("--live", action="store_true", help="watch it in the dashboard")
 
-    s = sub.add_parser("show", help="summary of one run")
+    s = sub.add_parser("show", help="summary of one run (of a sweep folder: its comparison table)")
     s.add_argument("run", type=Path, metavar="RUN")
     s.add_argument("--json", action="store_true", help="the fixed JSON run summary")
 
@@ -175,6 +175,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from blipmon.core.report import render_show
     from blipmon.core.run import load_run
 
+    if not (args.run / "events.jsonl").exists() and (args.run / "sweep.json").is_file():
+        return _show_sweep(args)
     run = load_run(args.run)
     for w in run.warnings:
         print(f"blipmon: warning: {w}", file=sys.stderr)
@@ -192,6 +194,19 @@ def _cmd_show(args: argparse.Namespace) -> int:
             verdict = run.prediction.get("verdict")
             sys.stdout.write(f"estimate {verdict} against {run.prediction.get('gpu_memory_bytes', 0) / GIB:.1f} GiB; "
                              f"predicted peak at {run.prediction.get('peak_phase')}\n")  # fmt: skip
+    return 0
+
+
+def _show_sweep(args: argparse.Namespace) -> int:
+    """``show`` on a sweep folder: the comparison its sweep printed at the end, from its recorded runs."""
+    from blipmon.commands.sweep import load_sweep_runs
+    from blipmon.core.report import render_compare
+
+    runs = load_sweep_runs(args.run)
+    if not runs:
+        print(f"blipmon: {args.run}: a sweep with no recorded runs yet", file=sys.stderr)
+        return 0
+    sys.stdout.write(render_compare(runs, "json" if args.json else "table"))
     return 0
 
 
