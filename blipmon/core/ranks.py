@@ -80,8 +80,9 @@ class RankView:
 
     @property
     def sample_rank(self) -> int | None:
-        """Whose samples the timeline and the header's memory figures show: the selected rank, or
-        ``None`` for the whole run (all ranks' envelope; and a single-rank run, drawn as it always was)."""
+        """Whose samples and phase strip the timeline, and whose memory figures the header, show: the
+        selected rank, or ``None`` for the whole run (all ranks' envelope, every rank's boundaries with
+        rank 0's step starts; and a single-rank run, drawn as it always was)."""
         return self.selected if self.multi else None
 
     def label(self) -> str:

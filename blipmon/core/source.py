@@ -91,7 +91,8 @@ class PhaseIndex:
     def __init__(self) -> None:
         self.t: list[float] = []
         self.kind: list[int] = []
-        self.step_start: list[bool] = []
+        self.step_start: list[bool] = []  # a step begins here, on rank 0 (the whole run's step marks)
+        self.begins: list[bool] = []  # a step begins here, on the record's own rank (one rank's step marks)
         self.vals: list[tuple[float, float, float, float, int]] = []  # alloc peak, reserved, rss, total, phase no
         self._cache: tuple[int, dict[str, np.ndarray]] | None = None
         # Where each rank's records are (indices into the run's phases, ascending), so one rank's latest
@@ -99,6 +100,7 @@ class PhaseIndex:
         # which ranks a prefix of the run has heard from.
         self.rank_pos: dict[int, list[int]] = {}
         self._rank_cache: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
+        self._rank_bounds: dict[int, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         # Figures derived from a whole history (one rank's steps, the steps combined across ranks)
         # that successive snapshots share while their inputs did not grow: kind -> (inputs, value).
         # The view asks again every second (the elapsed clock); the answer changes once a step.
@@ -123,20 +125,24 @@ class PhaseIndex:
             self.rank_pos.setdefault(_rank_of(p), []).append(len(self.vals))
             self.t.append(float(p.get("t") or 0.0))
             self.kind.append(kinds[PHASE_ACTIVITY.get(ph, "data")])
-            self.step_start.append(ph == "before_fwd" and not p.get("micro_step") and not p.get("rank"))
+            begins = ph == "before_fwd" and not p.get("micro_step")
+            self.step_start.append(begins and not p.get("rank"))
+            self.begins.append(begins)
             self.vals.append(
                 (_num_or(p.get("peak") or p.get("allocated")), _num_or(p.get("reserved")), _num_or(p.get("host_rss")),
                  float(phase_total(p)), nums.get(ph, -1))
             )  # fmt: skip
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        m = min(len(self.t), len(self.kind), len(self.step_start), len(self.vals))  # a loader may be mid-append
+        # a loader may be mid-append
+        m = min(len(self.t), len(self.kind), len(self.step_start), len(self.begins), len(self.vals))
         if self._cache is None or self._cache[0] != m:
             v = np.array(self.vals[:m], np.float64).reshape(m, 5)
             out = {
                 "t": np.array(self.t[:m]),
                 "kind": np.array(self.kind[:m], np.int8),
                 "start": np.array(self.step_start[:m], bool),
+                "begin": np.array(self.begins[:m], bool),
                 "alloc": np.maximum.accumulate(v[:, 0]) if m else v[:, 0],
                 "res": np.maximum.accumulate(v[:, 1]) if m else v[:, 1],
                 "rss": np.maximum.accumulate(v[:, 2]) if m else v[:, 2],
@@ -204,6 +210,26 @@ class PhaseIndex:
             self._rank_cache[rank] = cached
         return k, cached[1]
 
+    def rank_arrays(self, rank: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like ``arrays``, over ``rank``'s boundaries among the first ``n``: (time, activity index,
+        starts one of that rank's steps), read-only.
+
+        Picked out of the whole run's arrays by ``rank_pos`` (no scan of the other ranks' records),
+        once per rank and again only when that rank's records grew; a shorter prefix (a replay
+        seeking back) is a slice of what is kept.
+        """
+        pos = self.rank_pos.get(rank) or []
+        k = bisect.bisect_left(pos, n)  # only records complete when the snapshot was made (see ``_rank_arrays``)
+        cached = self._rank_bounds.get(rank)
+        if cached is None or cached[0] < k:
+            a = self._arrays()
+            idx = np.array(pos[:k], np.intp)
+            t, kind, begin = (_read_only(a[key][idx]) for key in ("t", "kind", "begin"))
+            cached = (k, (t, kind, begin))
+            self._rank_bounds[rank] = cached
+        t, kind, begin = cached[1]
+        return t[:k], kind[:k], begin[:k]
+
     def rank_phase_peaks(self, rank: int, n: int) -> dict[str, int]:
         """Like ``phase_peaks``, over ``rank``'s records only: running maxima over that rank's subsequence."""
         k, arrays = self._rank_arrays(rank, n)
@@ -223,6 +249,11 @@ def _rank_of(rec: dict[str, Any]) -> int:
     """A record's rank; a record without one comes from a single-rank writer, i.e. rank 0."""
     r = rec.get("rank")
     return r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else 0
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 def _num_or(v: Any, default: float = -1.0) -> float:
@@ -426,13 +457,21 @@ class Snapshot:
             return mine()
         return self.index.remember(("steps_of", rank), (id(self.index), len(rank_steps)), mine)
 
-    def boundaries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(time, activity index, starts a step) of every phase boundary so far, as arrays."""
+    def boundaries(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(time, activity index, starts a step) of the phase boundaries so far, as arrays: what the
+        timeline's phase strip draws.
+
+        ``rank=None``: every rank's boundaries, with rank 0's step starts (the whole run, and a
+        single-rank run exactly as it always was). A rank: that rank's boundaries and its own step
+        starts alone, so the strip under one rank's timeline is that rank's.
+        """
         index = self.index
         if index is None:
             index = PhaseIndex()
             index.extend(list(self.phases))
-        return index.arrays(len(self.phases))
+        if rank is None:
+            return index.arrays(len(self.phases))
+        return index.rank_arrays(rank, len(self.phases))
 
     def total_steps(self) -> int | None:
         total = self.plan.get("total_steps")

@@ -340,6 +340,32 @@ def boundary_columns(times: np.ndarray, t0: float, t1: float, ncols: int) -> np.
     return out
 
 
+STEP_MARK = len(ACTIVITIES)  # a column of the phase strip where a step begins
+
+
+def phase_strip_columns(
+    boundary_t: np.ndarray,
+    boundary_kind: np.ndarray,
+    is_start: np.ndarray,
+    t0: float,
+    t1: float,
+    ncols: int,
+    load_end: float | None = None,
+) -> np.ndarray:
+    """What each column of the phase strip shows: an index into ``ACTIVITIES``, ``STEP_MARK`` where a
+    step begins, -1 for nothing yet.
+
+    The arrays are ``Snapshot.boundaries(rank)``: one rank's, or the whole run's. Step starts are
+    marked only while steps are at least three columns apart on average; closer, marks would hide
+    the activities.
+    """
+    act = activity_columns(boundary_t, boundary_kind, t0, t1, ncols, load_end)
+    starts = boundary_t[is_start]
+    if 0 < len(starts) <= ncols // 3:
+        return np.where(boundary_columns(starts, t0, t1, ncols), STEP_MARK, act.astype(int))
+    return act.astype(int)
+
+
 # -- stacked bars ----------------------------------------------------------------------------------
 
 
@@ -384,6 +410,7 @@ __all__ = [
     "ACTIVITIES",
     "PHASE_ACTIVITY",
     "Raster",
+    "STEP_MARK",
     "activity_columns",
     "bar_cells",
     "boundary_columns",
@@ -394,6 +421,7 @@ __all__ = [
     "minmax_by_index",
     "minmax_columns",
     "nice_ticks",
+    "phase_strip_columns",
     "rasterize",
     "stack_cells",
     "tick_positions",

@@ -6,7 +6,8 @@ the replay keys only in a replay. Leaving never stops a run unless the user says
 
 A multi-rank run adds ``r``: the header, memory timeline, phase bars and step charts show rank 0,
 then each rank in turn, then all ranks at once (the timeline as the envelope of every rank's
-samples, each phase's min..max across ranks). The choice is the screen's
+samples, each phase's min..max across ranks); the phase strip under the timeline is the shown
+rank's boundaries and step starts. The choice is the screen's
 alone; the snapshot stays the same, so live, attach and replay behave identically.
 """
 

@@ -2,7 +2,8 @@
 
 Drawn in braille cells (2 x 4 dots each) from min/max per dot column, so no peak falls between
 columns; the GPU's capacity is a red line; a strip under the plot shows what the step was doing
-(forward, backward, optimizer, data) and marks where each step began.
+(forward, backward, optimizer, data) and marks where each step began, for the rank shown (every
+rank's boundaries with rank 0's step starts when all ranks are).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def time_range(snap: Snapshot) -> tuple[float, float]:
 def timeline_lines(snap: Snapshot, width: int, height: int, rank: int | None = None) -> list[Strip]:
     """The whole chart as rows of cells; pure, so tests can read it without a terminal.
 
-    ``rank``: one rank's samples and peaks (``None``: the whole run). The time axis is the whole
-    run's either way, so moving between ranks never rescales it.
+    ``rank``: one rank's samples, peaks and phase strip (``None``: the whole run). The time axis is
+    the whole run's either way, so moving between ranks never rescales it.
     """
     rows: list[Strip] = []
     series = shown_series(snap, rank)
@@ -87,7 +88,7 @@ def timeline_lines(snap: Snapshot, width: int, height: int, rank: int | None = N
             o = int(own[lo])
             parts.append(("".join(chars[lo:hi]), styles[o] if o >= 0 else None))
         rows.append(strip(parts, width))
-    rows.append(_phase_strip(snap, t0, t1, plot_w, width))
+    rows.append(_phase_strip(snap, t0, t1, plot_w, width, rank))
     tt = tl.time_ticks(t0, t1, max(plot_w // 12, 2))
     rows.append(
         strip(
@@ -127,19 +128,17 @@ def _legend(
     return strip(parts, width)
 
 
-def _phase_strip(snap: Snapshot, t0: float, t1: float, plot_w: int, width: int) -> Strip:
-    bt, kinds, is_start = snap.boundaries()
+def _phase_strip(snap: Snapshot, t0: float, t1: float, plot_w: int, width: int, rank: int | None = None) -> Strip:
+    """What the step was doing under each column, and where steps began: ``rank``'s, or the whole run's."""
+    bt, kinds, is_start = snap.boundaries(rank)
     load_end = float(snap.load["t"]) if snap.load and isinstance(snap.load.get("t"), (int, float)) else None
-    act = tl.activity_columns(bt, kinds, t0, t1, plot_w, load_end)
-    starts = bt[is_start]
-    marks = tl.boundary_columns(starts, t0, t1, plot_w) if 0 < len(starts) <= plot_w // 3 else np.zeros(plot_w, bool)
+    code = tl.phase_strip_columns(bt, kinds, is_start, t0, t1, plot_w, load_end)
     parts: list[tuple[str, Style | None]] = [("phase ", theme.DIM), (" ", None)]
     # One run of text per stretch of equal cells: a handful of segments, not one per column.
-    code = np.where(marks, len(tl.ACTIVITIES), act.astype(int))
     edges = np.flatnonzero(np.diff(code)) + 1
     for lo, hi in zip(np.r_[0, edges], np.r_[edges, plot_w], strict=True):
         c = int(code[lo])
-        if c == len(tl.ACTIVITIES):
+        if c == tl.STEP_MARK:
             parts.append(("┃" * (hi - lo), _MARK))
         elif c >= 0:
             parts.append(("━" * (hi - lo), _ACTIVITY_STYLES[c]))
