@@ -10,15 +10,13 @@ boundaries differ from rank 0's in count and in time.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from rank_helpers import ddp_gpu_events
-from ui_helpers import FrozenClock, screen_text, write_run
+from ui_helpers import FrozenClock, drive, screen_text, write_run
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import ALL
@@ -142,16 +140,6 @@ def test_replay_gives_each_ranks_boundaries_up_to_the_playhead(skewed: Path, clo
 
 
 # -- the run view --------------------------------------------------------------------------------------------
-
-
-def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (80, 24)) -> Any:
-    async def main() -> Any:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-        return app.return_value
-
-    return asyncio.run(main())
 
 
 def test_pressing_r_changes_the_phase_strip(skewed: Path, clock: FrozenClock) -> None:

@@ -6,16 +6,14 @@ whose ranks differ; a single-rank run must look exactly as before (no key, no in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rank_helpers import TINY_DDP, ddp_gpu_events
-from ui_helpers import FrozenClock, check_snapshot, screen_text, write_run
+from ui_helpers import FrozenClock, check_snapshot, drive, screen_text, write_run
 
 from blipmon.core.ranks import ALL
 from blipmon.core.source import FileFollowSource, ReplaySource
@@ -36,16 +34,6 @@ def tiny_ddp(tmp_path: Path) -> Path:
 @pytest.fixture
 def ddp_gpu(tmp_path: Path) -> Path:
     return write_run(tmp_path / "profiles" / "20261123T160000-h100-ddp", ddp_gpu_events())
-
-
-def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (80, 24)) -> Any:
-    async def main() -> Any:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-        return app.return_value
-
-    return asyncio.run(main())
 
 
 def _lines(text: str, start: str) -> list[str]:

@@ -7,17 +7,15 @@ rank 1's say ``"rank":1``) and by ``ddp_sampled``, the synthetic CUDA-shaped two
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from rank_helpers import TINY_DDP, ddp_gpu_events
-from ui_helpers import GIB, MIB, FrozenClock, screen_text, write_run
+from ui_helpers import GIB, MIB, FrozenClock, drive, screen_text, write_run
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import ALL, rank_view
@@ -188,16 +186,6 @@ def test_legend_and_header_give_the_selected_ranks_peaks(ddp_sampled: Path) -> N
 
 
 # -- the run view ---------------------------------------------------------------------------------------------
-
-
-def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (80, 24)) -> Any:
-    async def main() -> Any:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-        return app.return_value
-
-    return asyncio.run(main())
 
 
 def _replay_at_end(path: Path, clock: FrozenClock) -> ReplaySource:

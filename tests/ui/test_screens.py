@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.widgets import DataTable, Input, OptionList
-from ui_helpers import FrozenClock, gpu_events, screen_text, write_run
+from ui_helpers import FrozenClock, drive, gpu_events, screen_text, write_run
 
 from blipmon.core.source import FileFollowSource, ReplaySource
 from blipmon.ui.app import BlipmonApp
@@ -18,16 +16,6 @@ from blipmon.ui.compare import CompareScreen
 from blipmon.ui.dialogs import ChoiceScreen, HelpScreen
 from blipmon.ui.launcher import LauncherScreen
 from blipmon.ui.live import RunResult, RunScreen
-
-
-def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (80, 24)) -> Any:
-    async def main() -> Any:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-        return app.return_value
-
-    return asyncio.run(main())
 
 
 class FakeLive:

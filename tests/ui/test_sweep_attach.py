@@ -10,7 +10,6 @@ mark) checks the whole path: attached, left without stopping it, attached again 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 from textual.widgets import DataTable, OptionList
+from ui_helpers import drive as _drive
 from ui_helpers import gpu_events, screen_text, write_run
 
 from blipmon import cli
@@ -45,13 +45,7 @@ PATIENCE_S = 240.0  # only a guard against hanging
 
 
 def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (110, 30)) -> Any:
-    async def main() -> Any:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-        return app.return_value
-
-    return asyncio.run(main())
+    return _drive(app, script, size)
 
 
 async def wait_until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:

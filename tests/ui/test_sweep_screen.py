@@ -8,7 +8,6 @@ started, followed, a run opened, stopped, and compared at the end.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from textual.widgets import DataTable, OptionList
+from ui_helpers import drive as _drive
 from ui_helpers import gpu_events, screen_text, write_run
 
 from blipmon.core.config import ConfigError
@@ -50,13 +50,7 @@ kind = "load"
 
 
 def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (100, 30)) -> Any:
-    async def main() -> Any:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-        return app.return_value
-
-    return asyncio.run(main())
+    return _drive(app, script, size)
 
 
 async def wait_until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +137,15 @@ def check_snapshot(name: str, text: str, update: bool) -> None:
         return
     expected = path.read_text(encoding="utf-8").rstrip("\n")
     assert text == expected, f"{name} differs from {path} (rerun with BLIPMON_SNAPSHOT_UPDATE=1 after checking)"
+
+
+def drive(app: Any, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (80, 24)) -> Any:
+    """Run ``app`` headless at ``size``, let ``script`` drive it through a Pilot, return the app's result."""
+
+    async def main() -> Any:
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            await script(pilot)
+        return app.return_value
+
+    return asyncio.run(main())
