@@ -19,7 +19,6 @@ trains a real tiny model, and the tests read the profile it wrote.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import PATIENCE_S, read_events, subprocess_env
 
 from blipmon.core.run import RunData
 from blipmon.core.run import load_run as _load_run
@@ -38,32 +38,6 @@ from blipmon.core.run import load_run as _load_run
 # Small enough that a child spends its time starting up, not training; tests pass their own
 # ``--set`` values on top where the shape of the run matters.
 FAST = ("train.num_train_samples=16", "train.max_epochs=1", "train.batch_size=4", "runtime.sample_hz=5")
-
-# How long to wait for a child to reach a point before declaring it stuck. Only a guard against
-# hanging: no test asserts anything about how fast something happened.
-PATIENCE_S = 240.0
-
-
-def subprocess_env(cache: Path, *, gpu: bool = False, **extra: str) -> dict[str, str]:
-    """The environment of a ``blipmon`` subprocess: this session's cache, offline, one thread.
-
-    Without ``gpu`` the GPU is hidden, so a CPU test means the same on a machine that has one.
-    One intra-op thread keeps several concurrent children from oversubscribing a small CI box.
-    """
-    env = dict(os.environ)
-    env.update(
-        BLIPMON_CACHE=str(cache),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        BLIPMON_PREDICT="0",  # the estimate has tests of its own; runs here measure, they don't predict
-    )
-    if not gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -121,23 +95,6 @@ def tiny_facts(tiny_models: dict[str, Path]) -> dict[str, TinyFacts]:
 
 
 # -- subprocesses -------------------------------------------------------------------------------
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The complete, parseable records of an events file as it is right now (for waiting on a run)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in data[: data.rfind(b"\n") + 1].splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def has(kind: str, **fields: Any) -> Callable[[list[dict[str, Any]]], bool]:

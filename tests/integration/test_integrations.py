@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import read_events
+from support import read_events
 
 from blipmon.core.report import render_compare, render_show
 from blipmon.core.run import PHASES, RunData, load_run

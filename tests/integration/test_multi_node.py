@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PATIENCE_S, subprocess_env
+from support import PATIENCE_S, subprocess_env
 
 from blipmon.core.run import RunData, load_run
 

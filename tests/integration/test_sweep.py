@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PATIENCE_S
+from support import PATIENCE_S
 
 from blipmon.commands import sweep
 from blipmon.core.config import ConfigError

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PATIENCE_S, read_events, subprocess_env
+from support import PATIENCE_S, read_events, subprocess_env
 
 from blipmon.commands.watch import GpuDevices, run_name
 from blipmon.core.run import load_run
