@@ -54,3 +54,24 @@ def read_events(path: Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+# Two configurations that fail in different ways for sweep tests: a model folder that cannot load (error)
+# and a GPU-only device map (refused before it starts on a machine without one).
+BROKEN = """
+name = "mini/broken"
+[model]
+id = "{path}"
+device_map = "cpu"
+[job]
+kind = "load"
+"""
+
+NEEDS_GPU = """
+name = "mini/gpu-only"
+[model]
+id = "tiny/blip2-opt"
+device_map = "cuda"
+[job]
+kind = "load"
+"""

@@ -26,7 +26,38 @@ class LaunchError(Exception):
     """The run could not be started; the message says why."""
 
 
-class LiveRun:
+class DetachedProcess:
+    """A process this dashboard started in its own session (so it outlives the dashboard) and can stop."""
+
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """Its exit status once it has ended, else None."""
+        return self.proc.poll()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def _terminate(self) -> None:
+        """SIGTERM, which blipmon's processes take as "stop and record it"; nothing if it has ended."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class LiveRun(DetachedProcess):
     """A run this dashboard started: ``run_dir``, ``stop()``, ``poll()``; leaving does not end it."""
 
     def __init__(self, cfg: dict[str, Any], out: Path | None = None) -> None:
@@ -56,31 +87,11 @@ class LiveRun:
         self.run_dir = Path(line[4:])
         self.log_path = self.run_dir / LOG
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def poll(self) -> int | None:
-        """The supervisor's exit status (``blipmon run``'s exit code) once the run has ended, else None."""
-        return self.proc.poll()
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
     def stop(self) -> None:
-        """Ask the run to stop; the child records ``stopped`` and the supervisor its exit."""
+        """Ask the run to stop; the child records ``stopped`` and the supervisor (whose exit code
+        ``poll`` returns: ``blipmon run``'s) its exit."""
         self.stop_requested = True
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        self._terminate()
 
 
 def exit_code_for(status: str) -> int:

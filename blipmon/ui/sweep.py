@@ -46,7 +46,7 @@ from blipmon.core.profile import EventReader, ProfileError
 from blipmon.core.report import oom_where
 from blipmon.core.run import RunData, load_run
 from blipmon.core.units import fmt_bytes, fmt_seconds
-from blipmon.ui.control import LaunchError
+from blipmon.ui.control import DetachedProcess, LaunchError
 from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
 
 PROFILES = Path("profiles")
@@ -74,7 +74,7 @@ def sweep_command(configs: Sequence[str], overrides: Sequence[str] = (), out: Pa
     return [*cmd, "--announce", "--", *configs]
 
 
-class LiveSweep:
+class LiveSweep(DetachedProcess):
     """A sweep this dashboard started: ``sweep_dir``, ``stop()``, ``poll()``; leaving does not end it.
 
     Starting blocks until the sweep has validated and preflighted every configuration and made its
@@ -114,34 +114,13 @@ class LiveSweep:
                 raise LaunchError(message or f"the sweep could not be started (exit {code})")
         self.sweep_dir = Path(line[6:])
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def poll(self) -> int | None:
-        """The sweep's exit status (``blipmon sweep``'s exit code) once it has ended, else None."""
-        return self.proc.poll()
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
     def stop(self) -> None:
         """Stop the sweep as Ctrl-C does: the current run is saved as stopped, the rest skipped.
 
         A second call kills the current run at once (the sweep's own second-interrupt rule).
         """
         self.stops += 1
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        self._terminate()
 
 
 class SweepControl(Protocol):

@@ -8,7 +8,6 @@ own) must keep training, and the supervisor must append the exit record.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import pty
 import select
@@ -19,47 +18,23 @@ import termios
 import time
 from pathlib import Path
 
-import pytest
+from support import PATIENCE_S, read_events, subprocess_env
 
 from blipmon.core.run import load_run
 
-PATIENCE = 240.0
 
-
-def read_events_safe(path: Path) -> list[dict]:
-    """The complete, parseable records of a profile that may be half-written.
-
-    conftest.read_events does the same, but "conftest" is ambiguous once tests/ui/conftest.py is loaded.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in data[: data.rfind(b"\n") + 1].splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
-@pytest.mark.slow
 def test_killing_the_dashboard_never_loses_the_run(tmp_path: Path, tiny_models: dict, blipmon_cache: Path) -> None:
     out = tmp_path / "out"
     sets = ["train.num_train_samples=64", "train.max_epochs=1", "train.batch_size=4", "runtime.predict=false"]
     argv = [sys.executable, "-m", "blipmon", "run", "tiny/blip2-opt", "--live", "--out", str(out)]
     for s in sets:
         argv += ["--set", s]
-    env = dict(os.environ, BLIPMON_CACHE=str(blipmon_cache), HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="1", BLIPMON_PREDICT="0", TERM="xterm-256color")  # fmt: skip
+    env = subprocess_env(blipmon_cache, TERM="xterm-256color")
     pid, fd = pty.fork()
     if pid == 0:  # the dashboard, in a real terminal
         os.execvpe(sys.executable, argv, env)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-    deadline = time.monotonic() + PATIENCE
+    deadline = time.monotonic() + PATIENCE_S
     run_dir = None
     try:
         while time.monotonic() < deadline:  # drain the terminal until the child records a phase
@@ -69,7 +44,7 @@ def test_killing_the_dashboard_never_loses_the_run(tmp_path: Path, tiny_models: 
                 except OSError:
                     break
             dirs = [d for d in out.glob("*") if (d / "events.jsonl").is_file()] if out.is_dir() else []
-            if dirs and any(e.get("type") == "phase" for e in read_events_safe(dirs[0] / "events.jsonl")):
+            if dirs and any(e.get("type") == "phase" for e in read_events(dirs[0] / "events.jsonl")):
                 run_dir = dirs[0]
                 break
         assert run_dir is not None, "the live run never recorded a phase"
@@ -82,7 +57,7 @@ def test_killing_the_dashboard_never_loses_the_run(tmp_path: Path, tiny_models: 
         os.waitpid(pid, 0)
         os.close(fd)
     while time.monotonic() < deadline:
-        if any(e.get("type") == "exit" for e in read_events_safe(run_dir / "events.jsonl")):
+        if any(e.get("type") == "exit" for e in read_events(run_dir / "events.jsonl")):
             break
         time.sleep(0.2)
     run = load_run(run_dir)

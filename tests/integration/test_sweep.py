@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PATIENCE_S
+from support import BROKEN, NEEDS_GPU, PATIENCE_S
 
 from blipmon.commands import sweep
 from blipmon.core.config import ConfigError
@@ -42,24 +42,6 @@ name = "mini/load"
 [model]
 id = "tiny/blip-vqa"
 device_map = "cpu"
-[job]
-kind = "load"
-"""
-
-BROKEN = """
-name = "mini/broken"
-[model]
-id = "{path}"
-device_map = "cpu"
-[job]
-kind = "load"
-"""
-
-NEEDS_GPU = """
-name = "mini/gpu-only"
-[model]
-id = "tiny/blip2-opt"
-device_map = "cuda"
 [job]
 kind = "load"
 """

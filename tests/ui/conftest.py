@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from rank_helpers import TINY_DDP, ddp_gpu_events  # noqa: E402
 from ui_helpers import DATA, FrozenClock, gpu_events, write_run  # noqa: E402
 
 
@@ -41,3 +42,17 @@ def gpu_run(tmp_path: Path) -> Path:
 def snapshot_update() -> bool:
     """Set BLIPMON_SNAPSHOT_UPDATE=1 to rewrite the text snapshots after checking a change by eye."""
     return os.environ.get("BLIPMON_SNAPSHOT_UPDATE") == "1"
+
+
+@pytest.fixture
+def tiny_ddp(tmp_path: Path) -> Path:
+    """A real 2-rank DDP run of ``tiny/blip2-opt`` recorded on a CPU (tests/ui/data/tiny-ddp), copied."""
+    dst = tmp_path / "profiles" / "20261123T150234-tiny-blip2-opt"
+    shutil.copytree(TINY_DDP, dst)
+    return dst
+
+
+@pytest.fixture
+def ddp_gpu(tmp_path: Path) -> Path:
+    """A synthetic 2-rank GPU run whose ranks differ (see ``rank_helpers.ddp_gpu_events``)."""
+    return write_run(tmp_path / "profiles" / "20261123T160000-h100-ddp", ddp_gpu_events())

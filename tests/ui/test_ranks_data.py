@@ -7,7 +7,6 @@ CUDA-shaped two-rank run whose rank 0 holds more than rank 1 (``rank_helpers.ddp
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,18 +17,6 @@ from ui_helpers import GIB, MIB, FrozenClock, write_run
 from blipmon.core.ranks import ALL, bar_total, choose_steps, combine_steps, next_rank, phase_spread, rank_view
 from blipmon.core.run import PHASES, load_run
 from blipmon.core.source import FileFollowSource, ReplaySource, Snapshot
-
-
-@pytest.fixture
-def tiny_ddp(tmp_path: Path) -> Path:
-    dst = tmp_path / "profiles" / "20261123T150234-tiny-blip2-opt"
-    shutil.copytree(TINY_DDP, dst)
-    return dst
-
-
-@pytest.fixture
-def ddp_gpu(tmp_path: Path) -> Path:
-    return write_run(tmp_path / "profiles" / "20261123T160000-h100-ddp", ddp_gpu_events())
 
 
 def _snap(path: Path) -> Snapshot:

@@ -7,12 +7,10 @@ whose ranks differ; a single-rank run must look exactly as before (no key, no in
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-from rank_helpers import TINY_DDP, ddp_gpu_events
+from rank_helpers import ddp_gpu_events
 from ui_helpers import FrozenClock, check_snapshot, drive, screen_text, write_run
 
 from blipmon.core.ranks import ALL
@@ -22,18 +20,6 @@ from blipmon.ui.dialogs import HelpScreen
 from blipmon.ui.live import RunScreen
 from blipmon.ui.widgets.phase_bars import PhaseBars
 from blipmon.ui.widgets.steps import StepCharts
-
-
-@pytest.fixture
-def tiny_ddp(tmp_path: Path) -> Path:
-    dst = tmp_path / "profiles" / "20261123T150234-tiny-blip2-opt"
-    shutil.copytree(TINY_DDP, dst)
-    return dst
-
-
-@pytest.fixture
-def ddp_gpu(tmp_path: Path) -> Path:
-    return write_run(tmp_path / "profiles" / "20261123T160000-h100-ddp", ddp_gpu_events())
 
 
 def _lines(text: str, start: str) -> list[str]:

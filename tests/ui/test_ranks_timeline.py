@@ -8,13 +8,12 @@ rank 1's say ``"rank":1``) and by ``ddp_sampled``, the synthetic CUDA-shaped two
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from rank_helpers import TINY_DDP, ddp_gpu_events
+from rank_helpers import ddp_gpu_events
 from ui_helpers import GIB, MIB, FrozenClock, drive, screen_text, write_run
 
 from blipmon.core import timeline as tl
@@ -40,13 +39,6 @@ def ddp_sampled_events(**kw: Any) -> list[dict[str, Any]]:
             r1 |= {k: ev[k] - RANK1_LESS_GPU for k in ("alloc", "res", "dev", "proc_gpu")}
             out.append(r1)
     return out
-
-
-@pytest.fixture
-def tiny_ddp(tmp_path: Path) -> Path:
-    dst = tmp_path / "profiles" / "20261123T150234-tiny-blip2-opt"
-    shutil.copytree(TINY_DDP, dst)
-    return dst
 
 
 @pytest.fixture

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable, OptionList
+from textual.widgets import OptionList
+from ui_helpers import compared, gpu_events, screen_text, wait_until, write_run
 from ui_helpers import drive as _drive
-from ui_helpers import gpu_events, screen_text, write_run
 
 from blipmon import cli
 from blipmon.ui.app import BlipmonApp
-from blipmon.ui.compare import CompareScreen
 from blipmon.ui.dialogs import ChoiceScreen
 from blipmon.ui.launcher import LauncherScreen, list_sweeps
 from blipmon.ui.live import RunScreen
@@ -41,28 +40,9 @@ from blipmon.ui.sweep import (
     sweep_process,
 )
 
-PATIENCE_S = 240.0  # only a guard against hanging
-
 
 def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (110, 30)) -> Any:
     return _drive(app, script, size)
-
-
-async def wait_until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}\n{screen_text(pilot.app)}")
-        await pilot.pause(0.1)
-
-
-def compared(app: Any) -> bool:
-    screen = app.screen
-    return (
-        isinstance(screen, CompareScreen)
-        and bool(screen.query(DataTable))
-        and screen.query_one(DataTable).row_count > 0
-    )
 
 
 def footer(app: Any) -> str:

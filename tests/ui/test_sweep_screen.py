@@ -9,66 +9,27 @@ started, followed, a run opened, stopped, and compared at the end.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import BROKEN, NEEDS_GPU
 from textual.widgets import DataTable, OptionList
+from ui_helpers import compared, gpu_events, screen_text, wait_until, write_run
 from ui_helpers import drive as _drive
-from ui_helpers import gpu_events, screen_text, write_run
 
 from blipmon.core.config import ConfigError
 from blipmon.ui.app import BlipmonApp
-from blipmon.ui.compare import CompareScreen
 from blipmon.ui.control import LaunchError
 from blipmon.ui.dialogs import ChoiceScreen
 from blipmon.ui.launcher import LauncherScreen
 from blipmon.ui.live import RunScreen
 from blipmon.ui.sweep import LiveSweep, SweepFollower, SweepResult, SweepScreen, sweep_command
 
-PATIENCE_S = 240.0  # only a guard against hanging; nothing asserts how fast anything happened
-
-BROKEN = """
-name = "mini/broken"
-[model]
-id = "{path}"
-device_map = "cpu"
-[job]
-kind = "load"
-"""
-
-NEEDS_GPU = """
-name = "mini/gpu-only"
-[model]
-id = "tiny/blip2-opt"
-device_map = "cuda"
-[job]
-kind = "load"
-"""
-
 
 def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (100, 30)) -> Any:
     return _drive(app, script, size)
-
-
-async def wait_until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}\n{screen_text(pilot.app)}")
-        await pilot.pause(0.1)
-
-
-def compared(app: Any) -> bool:
-    """The compare view is up with its table filled in."""
-    screen = app.screen
-    return (
-        isinstance(screen, CompareScreen)
-        and bool(screen.query(DataTable))
-        and screen.query_one(DataTable).row_count > 0
-    )
 
 
 def statuses(screen: SweepScreen) -> list[str]:

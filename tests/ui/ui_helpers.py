@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,29 @@ def drive(app: Any, script: Callable[[Any], Awaitable[None]], size: tuple[int, i
         return app.return_value
 
     return asyncio.run(main())
+
+
+PATIENCE_S = 240.0  # only a guard against hanging; nothing asserts how fast anything happened
+
+
+async def wait_until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:
+    """Let the app run until ``cond()`` holds; fail with the screen's text if it never does."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}\n{screen_text(pilot.app)}")
+        await pilot.pause(0.1)
+
+
+def compared(app: Any) -> bool:
+    """The compare view is up with its table filled in."""
+    from textual.widgets import DataTable
+
+    from blipmon.ui.compare import CompareScreen
+
+    screen = app.screen
+    return (
+        isinstance(screen, CompareScreen)
+        and bool(screen.query(DataTable))
+        and screen.query_one(DataTable).row_count > 0
+    )
