@@ -55,6 +55,22 @@ def guarded(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+class CallbackOptions:
+    """The options both callbacks take, checked the same way (each subclasses its framework's callback too)."""
+
+    def _set_options(
+        self, out: str | os.PathLike[str] | None, name: str | None, sample_hz: float, print_phases: bool
+    ) -> None:
+        if not sample_hz > 0:
+            raise ValueError(f"sample_hz = {sample_hz!r}: expected a number > 0")
+        self.out = out
+        self.name = name
+        self.sample_hz = sample_hz
+        self.print_phases = print_phases
+        self.recorder: Recorder | None = None
+        self.run_dir: Path | None = None
+
+
 def safe_name(text: str) -> str:
     """A configuration name (letters, digits, ``-_./`` and spaces) from anything a user or a model calls itself."""
     name = _NAME_BAD.sub("-", text).replace("..", ".").lstrip("/").strip() or "run"

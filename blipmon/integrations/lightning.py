@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
         raise ImportError("blipmon.integrations.lightning needs Lightning: pip install 'blipmon[lightning]'") from None
 
 from blipmon.integrations._recorder import (
+    CallbackOptions,
     Recorder,
     batch_size_of,
     build_config,
@@ -57,7 +57,7 @@ from blipmon.integrations._recorder import (
 _PRECISIONS = {"32-true", "bf16-true", "bf16-mixed", "16-mixed"}
 
 
-class BlipmonCallback(pl.Callback):
+class BlipmonCallback(pl.Callback, CallbackOptions):
     """Record a Lightning ``fit()`` as a blipmon profile under ``out`` (``./profiles`` by default).
 
     ``name`` names the run (default ``lightning/<LightningModule class>``); ``sample_hz`` is the
@@ -73,14 +73,7 @@ class BlipmonCallback(pl.Callback):
         sample_hz: float = 10.0,
         print_phases: bool = False,
     ) -> None:
-        if not sample_hz > 0:
-            raise ValueError(f"sample_hz = {sample_hz!r}: expected a number > 0")
-        self.out = out
-        self.name = name
-        self.sample_hz = sample_hz
-        self.print_phases = print_phases
-        self.recorder: Recorder | None = None
-        self.run_dir: Path | None = None
+        self._set_options(out, name, sample_hz, print_phases)
         self._step_at_start = 0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

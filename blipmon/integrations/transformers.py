@@ -41,6 +41,7 @@ import transformers
 from transformers import TrainerCallback
 
 from blipmon.integrations._recorder import (
+    CallbackOptions,
     Recorder,
     batch_size_of,
     build_config,
@@ -54,7 +55,7 @@ from blipmon.integrations._recorder import (
 )
 
 
-class BlipmonCallback(TrainerCallback):
+class BlipmonCallback(TrainerCallback, CallbackOptions):
     """Record a ``transformers.Trainer`` run as a blipmon profile under ``out`` (``./profiles`` by default).
 
     ``name`` names the run (default ``trainer/<model>``); ``sample_hz`` is the timeline's rate;
@@ -70,14 +71,7 @@ class BlipmonCallback(TrainerCallback):
         sample_hz: float = 10.0,
         print_phases: bool = False,
     ) -> None:
-        if not sample_hz > 0:
-            raise ValueError(f"sample_hz = {sample_hz!r}: expected a number > 0")
-        self.out = out
-        self.name = name
-        self.sample_hz = sample_hz
-        self.print_phases = print_phases
-        self.recorder: Recorder | None = None
-        self.run_dir: Path | None = None
+        self._set_options(out, name, sample_hz, print_phases)
         self._handles: list[Any] = []
         self._depth = 0
         self._loss_part_of_step = False
