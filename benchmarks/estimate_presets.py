@@ -3,7 +3,9 @@
 Each preset is estimated in a fresh ``blipmon estimate PRESET --gpu-memory SIZE --json`` process, so the time is
 what a user waits for (imports and model building included, no GPU). SIZE is the capacity torch reports for the
 lab's cards (80 GB A100 and H100). The seed lab (seeds/002) reports out-of-memory for ``baseline``,
-``flan-t5-xxl`` and ``flan-t5-xxl-bs1`` on both cards; every other row ran.
+``flan-t5-xxl`` and ``flan-t5-xxl-bs1`` on both cards; every other row ran. The presets reproduce the lab's
+batches (captions tokenized alone, without BLIP-2's image placeholders, padded to the batch's longest caption);
+``--set data.caption_tokens=N`` or ``--set data.image_placeholders=true`` shows how the verdicts move.
 
     python benchmarks/estimate_presets.py [--only h100/baseline ...] [--set K=V ...] [--json]
 """

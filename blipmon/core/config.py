@@ -98,6 +98,12 @@ SCHEMA: dict[str, Field] = {
     "data.caption_tokens": Field(
         (int,), 0, minimum=0, help="synthetic caption length; 0 = every caption fills max_length (the worst case)"
     ),
+    "data.image_placeholders": Field(
+        (bool,),
+        True,
+        help="BLIP-2: image tokens before each caption, as the processor puts them; false = the caption alone, "
+        "as the seed lab tokenizes it (the language model then sees only the caption)",
+    ),
     "runtime.alloc_conf": Field((str,), ""),
     "runtime.sample_hz": Field((float, int), 10.0, minimum=0, exclusive_minimum=True),
     "runtime.probes": Field((bool,), True, help="per-phase attribution; off only to measure its cost"),

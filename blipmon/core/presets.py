@@ -167,9 +167,15 @@ def _lab_preset(gpu: str, row: _LabRow) -> dict[str, Any]:
         "model": {"id": model_id, "weights": "auto", "dtype": "float32", "quantization": "none", "device_map": "cuda"},
         "job": {"kind": "train"},
         "train": train,
-        # The lab tokenizes with padding=True (to the longest caption of the batch), max_length=50. Its captions
-        # are not shipped; LAB_CAPTION_TOKENS models the longest short caption of a batch (see docs/memory-model.md).
-        "data": {"source": "synthetic", "max_length": 50, "caption_tokens": LAB_CAPTION_TOKENS},
+        # The lab tokenizes the captions alone (processor.tokenizer, padding=True to the longest caption of the
+        # batch, max_length=50): no image placeholders, so BLIP-2's language model sees the caption only. Its
+        # captions are not shipped; LAB_CAPTION_TOKENS models the longest caption of a batch (docs/memory-model.md).
+        "data": {
+            "source": "synthetic",
+            "max_length": 50,
+            "caption_tokens": LAB_CAPTION_TOKENS,
+            "image_placeholders": False,
+        },
         "runtime": {"alloc_conf": "", "sample_hz": 10.0},
     }
 

@@ -643,7 +643,14 @@ def _fake_batch(model: Any, cfg: dict[str, Any], spec: Any) -> dict[str, torch.T
     t = cfg["train"]
     bs = t["batch_size"]
     arch = spec.arch
-    ds = SyntheticCaptions(arch, spec.family, max(bs, 1), caption_tokens(cfg), cfg["runtime"]["seed"])
+    ds = SyntheticCaptions(
+        arch,
+        spec.family,
+        max(bs, 1),
+        caption_tokens(cfg),
+        cfg["runtime"]["seed"],
+        image_placeholders=cfg["data"]["image_placeholders"],
+    )
     items = [ds[i] for i in range(min(bs, 2))]
     batch: dict[str, torch.Tensor] = {}
     mode = _fake_mode_of(model)

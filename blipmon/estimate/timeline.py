@@ -213,6 +213,7 @@ def _profile_key(cfg: dict[str, Any], device: str) -> str:
             m["quantization"],
             t["batch_size"],
             caption_tokens(cfg),
+            cfg["data"]["image_placeholders"],
             t["precision"],
             t["act_ckpt"],
             t["lora"],
@@ -269,6 +270,11 @@ def estimate(
         notes.append(
             f"every caption padded to data.max_length = {cfg['data']['max_length']} tokens, as blipmon's batches are; "
             "a dataset padded to the longest caption of each batch can need less (data.caption_tokens)"
+        )
+    if not cfg["data"]["image_placeholders"] and spec.family != "blip-vqa":
+        notes.append(
+            "captions tokenized without image placeholders (data.image_placeholders = false), as the seed lab does: "
+            "the language model sees the caption only; with the processor's placeholders it would need more"
         )
     if cfg["train"]["devices"] > 1 or cfg["train"]["strategy"] == "ddp":
         notes.append("per rank; DDP adds gradient buckets (about the gradient size) that are not counted")

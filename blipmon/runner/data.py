@@ -4,6 +4,12 @@ Memory depends on tensor shapes, not on pixel values, so synthetic batches give 
 an image-caption fine-tune without a dataset. Every caption has the same length, so every batch has
 the memory of the longest: ``max_length`` by default (the worst case), or ``data.caption_tokens``,
 the longest caption a real batch holds once the tokenizer pads it to its longest, as the seed lab's does.
+
+BLIP-2's processor puts ``num_query_tokens`` image placeholders before the text, and the model writes the
+Q-Former's output over them (``masked_scatter``). The seed lab tokenizes the captions with the tokenizer alone,
+so its batches have no placeholders: transformers then scatters into nothing, without a warning, and the language
+model sees the caption only, while the vision encoder and Q-Former still run and keep their activations.
+``data.image_placeholders = false`` reproduces those batches, and with them the lab's memory.
 """
 
 from __future__ import annotations
@@ -22,8 +28,17 @@ from blipmon.core.config import caption_tokens
 class SyntheticCaptions(Dataset[dict[str, torch.Tensor]]):
     """Deterministic random images and captions; item ``i`` is the same in every process."""
 
-    def __init__(self, model_config: Any, family: str, n: int, max_length: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model_config: Any,
+        family: str,
+        n: int,
+        max_length: int,
+        seed: int = 0,
+        image_placeholders: bool = True,
+    ) -> None:
         self.family = family
+        self.image_placeholders = image_placeholders
         self.n = n
         self.max_length = max_length
         self.seed = seed
@@ -58,13 +73,14 @@ class SyntheticCaptions(Dataset[dict[str, torch.Tensor]]):
         return self._blip2_item(pixels, text)
 
     def _blip2_item(self, pixels: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """BLIP-2: the processor puts num_query_tokens image placeholders before the text."""
-        image = torch.full((self.num_query,), int(self.image_token), dtype=torch.long)
+        """BLIP-2: the processor puts num_query_tokens image placeholders before the text (unless told not to)."""
+        n_image = self.num_query if self.image_placeholders else 0
+        image = torch.full((n_image,), int(self.image_token), dtype=torch.long)
         ids = torch.cat([image, text])
         item = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self.family == "blip2-decoder":
             labels = ids.clone()
-            labels[: self.num_query] = -100
+            labels[:n_image] = -100
             item["labels"] = labels
         else:  # encoder-decoder (T5): the caption is the target, as in the seed lab
             item["labels"] = text.clone()
@@ -130,10 +146,17 @@ class ImageFolderCaptions(SyntheticCaptions):
     """A real image folder: images resized and normalised like the BLIP processors do, text tokenised."""
 
     def __init__(
-        self, model_config: Any, family: str, folder: Path, n: int, max_length: int, processor: Any = None
+        self,
+        model_config: Any,
+        family: str,
+        folder: Path,
+        n: int,
+        max_length: int,
+        processor: Any = None,
+        image_placeholders: bool = True,
     ) -> None:
         records = read_metadata(folder)[:n]
-        super().__init__(model_config, family, len(records), max_length)
+        super().__init__(model_config, family, len(records), max_length, image_placeholders=image_placeholders)
         self.folder = folder
         self.records = records
         self.processor = processor
@@ -181,13 +204,25 @@ def load_processor(source: str) -> Any:
 def make_dataset(
     model_config: Any, family: str, cfg: dict[str, Any], source_path: str | None = None
 ) -> SyntheticCaptions:
-    t = cfg["train"]
-    source = cfg["data"]["source"]
+    t, d = cfg["train"], cfg["data"]
+    source = d["source"]
+    placeholders = bool(d.get("image_placeholders", True))
     if source == "synthetic":
         return SyntheticCaptions(
-            model_config, family, t["num_train_samples"], caption_tokens(cfg), cfg["runtime"]["seed"]
+            model_config,
+            family,
+            t["num_train_samples"],
+            caption_tokens(cfg),
+            cfg["runtime"]["seed"],
+            image_placeholders=placeholders,
         )
     processor = load_processor(source_path) if source_path else None
     return ImageFolderCaptions(
-        model_config, family, Path(source), t["num_train_samples"], cfg["data"]["max_length"], processor
+        model_config,
+        family,
+        Path(source),
+        t["num_train_samples"],
+        d["max_length"],
+        processor,
+        image_placeholders=placeholders,
     )

@@ -4,7 +4,7 @@ Each case runs the real train job in this process (``blipmon.runner.child.record
 into a temporary run directory) and estimates the same configuration on fake tensors. Parameters, gradients and
 optimizer state must be equal to the byte; activations (tensors saved for backward) within 10%, in practice equal.
 The cases cover every precision mode, the 8-bit optimizers, activation checkpointing, LoRA and QLoRA on the three
-tiny families; gradient accumulation is the ``show`` test's case, SGD's (absent) state is a unit test's.
+tiny families, and the seed lab's batches without image placeholders; gradient accumulation is the ``show`` test's case, SGD's (absent) state is a unit test's.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ CASES: list[tuple[str, list[str]]] = [
     ("tiny/blip2-opt", ["train.act_ckpt=true"]),
     ("tiny/blip2-opt", ["train.lora.enabled=true"]),
     ("tiny/blip2-opt", ["train.qlora=true", "train.act_ckpt=true", "train.precision=bf16-true"]),
+    ("tiny/blip2-opt", ["data.image_placeholders=false", "data.caption_tokens=5"]),
     ("tiny/blip2-t5", []),
     ("tiny/blip2-t5", ["train.precision=bf16-mixed", "train.act_ckpt=true"]),
     ("tiny/blip2-t5", ["train.optim=paged_adamw_8bit"]),
     ("tiny/blip2-t5", ["train.qlora=true"]),
     ("tiny/blip2-t5", ["train.lora.enabled=true", "train.act_ckpt=true"]),
+    ("tiny/blip2-t5", ["data.image_placeholders=false", "train.precision=bf16-true"]),
     ("tiny/blip-vqa", ["train.precision=16-mixed"]),
     ("tiny/blip-vqa", ["train.act_ckpt=true"]),
     ("tiny/blip-vqa", ["train.qlora=true", "train.optim=adam_8bit"]),
