@@ -46,6 +46,22 @@ class ConfirmScreen(ChoiceScreen):
         super().__init__(question, [("y", "yes", "yes"), ("n", "no", "no")])
 
 
+class StopOrLeaveScreen(ChoiceScreen):
+    """Leaving a view whose child still runs: it is the user's work, so never stop it without asking.
+
+    Answers "stop", "leave" or None (stay).
+    """
+
+    def __init__(self, what: str, stopped_note: str, attach_hint: str) -> None:
+        super().__init__(
+            f"The {what} is still going. Stop it, or leave it running?",
+            [
+                ("s", f"stop the {what}, then leave ({stopped_note})", "stop"),
+                ("l", f"leave it running ({attach_hint})", "leave"),
+            ],
+        )
+
+
 class HelpScreen(ModalScreen[None]):
     """Every key of the screen underneath, with what it does."""
 

@@ -25,7 +25,7 @@ from textual.widgets import Footer, Log, Static
 from blipmon.core.ranks import ALL, next_rank, rank_view
 from blipmon.core.source import RunSource, Snapshot
 from blipmon.ui.control import LiveRun, exit_code_for
-from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
+from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
 from blipmon.ui.widgets.phase_bars import PhaseBars
 from blipmon.ui.widgets.run_header import RunHeader, banner_text
 from blipmon.ui.widgets.steps import StepCharts
@@ -185,16 +185,7 @@ class RunScreen(Screen[RunResult]):
                 elif value == "leave":
                     self._finish(RunResult(None, left_running=True, run_dir=self.live.run_dir if self.live else None))
 
-            self.app.push_screen(
-                ChoiceScreen(
-                    "The run is still going. Stop it, or leave it running?",
-                    [
-                        ("s", "stop the run, then leave (saved as stopped)", "stop"),
-                        ("l", "leave it running (attach later)", "leave"),
-                    ],
-                ),
-                answer,
-            )
+            self.app.push_screen(StopOrLeaveScreen("run", "saved as stopped", "attach later"), answer)
             return
         self._finish(self._result())
 

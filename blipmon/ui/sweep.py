@@ -47,7 +47,7 @@ from blipmon.core.report import oom_where
 from blipmon.core.run import RunData, load_run
 from blipmon.core.units import fmt_bytes, fmt_seconds
 from blipmon.ui.control import DetachedProcess, LaunchError
-from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
+from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
 
 PROFILES = Path("profiles")
 REFRESH_SECONDS = 0.5
@@ -808,12 +808,8 @@ class SweepScreen(Screen[SweepResult]):
                     self._finish(SweepResult(None, left_running=True, sweep_dir=self.sweep_dir))
 
             self.app.push_screen(
-                ChoiceScreen(
-                    "The sweep is still going. Stop it, or leave it running?",
-                    [
-                        ("s", "stop the sweep, then leave (the current run is saved as stopped)", "stop"),
-                        ("l", "leave it running (`blipmon attach <sweep folder>` shows it again)", "leave"),
-                    ],
+                StopOrLeaveScreen(
+                    "sweep", "the current run is saved as stopped", "`blipmon attach <sweep folder>` shows it again"
                 ),
                 answer,
             )
