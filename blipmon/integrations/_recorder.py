@@ -247,6 +247,7 @@ class Recorder:
         rank: int,
     ) -> Path:
         import blipmon
+        from blipmon.runner.batch_check import watch_image_placeholders
         from blipmon.runner.child import environment
         from blipmon.runner.launch import make_run_dir
         from blipmon.runner.probes import PhaseProbe, track_checkpoint_inputs
@@ -285,6 +286,7 @@ class Recorder:
         # Activation checkpointing keeps each checkpointed layer's inputs instead of its saved tensors:
         # count those, as ``blipmon run`` does (a no-op for a model without checkpointing).
         track_checkpoint_inputs(model, self.probe.saved)
+        watch_image_placeholders(model, self._note_and_warn)
         if cuda:
             torch.cuda.reset_peak_memory_stats(cuda_dev)
         self.sampler = Sampler(emit, self.sample_hz, cuda=cuda, cuda_device=cuda_dev or 0, rank=rank)
@@ -293,6 +295,12 @@ class Recorder:
         sys.excepthook = self._excepthook
         atexit.register(self._atexit)
         return self.run_dir
+
+    def _note_and_warn(self, text: str) -> None:
+        """Something the user should fix in their script: in the run's notes, and on their terminal now."""
+        if self.writer is not None and not self.finished:
+            self.writer.write("note", message=text)
+        warnings.warn(f"blipmon: {text}", UserWarning, stacklevel=2)
 
     def disable(self, reason: str) -> None:
         """Stop probing after an internal failure; the run keeps its steps and ends normally."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from blipmon.core.schedule import schedule
+from blipmon.runner.batch_check import watch_image_placeholders
 from blipmon.runner.data import make_dataset
 from blipmon.runner.distributed import Dist
 from blipmon.runner.models import LoadedModel
@@ -207,6 +208,8 @@ def run_train(
             track_checkpoint_inputs(model, probe.saved)
     else:
         probe = NullProbe()
+    if dist.writes_run:
+        watch_image_placeholders(loaded.model, lambda text: emit("note", message=text))
     float_dtype = torch.bfloat16 if t["precision"] == "bf16-true" else torch.float32
     if engine is not None:  # DeepSpeed runs the whole model in its half dtype: inputs must match
         float_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(t["precision"], float_dtype)

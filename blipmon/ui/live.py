@@ -42,6 +42,11 @@ class ChildLog(Log):
     can_focus = False
 
 
+def log_lines(snap: Snapshot) -> tuple[str, ...]:
+    """The run's notes (what blipmon noticed: a batch without image placeholders, say) above the child's log."""
+    return tuple(f"blipmon note: {n}" for n in snap.notes) + tuple(snap.log)
+
+
 class RunResult:
     """How the user left the run view: the run's exit code if known, and whether it was left running."""
 
@@ -129,15 +134,16 @@ class RunScreen(Screen[RunResult]):
             banner.display = text is not None
             banner.update(text or "")
             banner.set_class(snap.oom is not None, "-oom")
-        if snap.log != self._log_shown:
+        lines = log_lines(snap)
+        if lines != self._log_shown:
             log = self.query_one("#log", Log)
             old = self._log_shown
-            if old and snap.log[: len(old)] == old:
-                log.write_lines(snap.log[len(old) :])  # the usual case: lines were added
+            if old and lines[: len(old)] == old:
+                log.write_lines(lines[len(old) :])  # the usual case: lines were added
             else:
                 log.clear()
-                log.write_lines(snap.log)
-            self._log_shown = snap.log
+                log.write_lines(lines)
+            self._log_shown = lines
         if snap.finished != self._finished_shown or view.multi != self._multi_shown:
             # only then does a key appear or go (stop; rank once a second rank is known)
             self._finished_shown, self._multi_shown = snap.finished, view.multi

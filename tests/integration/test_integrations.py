@@ -173,21 +173,51 @@ def test_trainer_profile_reads_like_any_run(trainer_run: dict[str, Any]) -> None
     assert sys.excepthook is not trainer_run["cb"].recorder._excepthook  # handed back after training
 
 
-def test_trainer_oom_in_forward_is_recorded_with_step_and_phase(tmp_path: Path) -> None:
-    from transformers import Trainer, TrainingArguments
+def cpu_args(out: Path, *, batch: int, steps: int, accumulate: int = 1) -> Any:
+    """A short Trainer run on the CPU that writes nothing but blipmon's profile."""
+    from transformers import TrainingArguments
 
-    from blipmon.integrations.transformers import BlipmonCallback
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_steps=4,
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulate,
+        max_steps=steps,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
     )
+
+
+def test_trainer_batches_with_image_placeholders_raise_no_note(trainer_run: dict[str, Any]) -> None:
+    assert not [n for n in trainer_run["run"].notes if "placeholder" in n]
+
+
+def test_trainer_batches_without_image_placeholders_are_called_out(tmp_path: Path) -> None:
+    """The seed lab's mistake (captions tokenized alone): the images do nothing, and the user is told so."""
+    from transformers import Trainer
+
+    from blipmon.integrations.transformers import BlipmonCallback
+
+    model, cfg = tiny_blip2()
+    data = SyntheticCaptions(cfg, family_of(cfg), n=4, max_length=8, image_placeholders=False)
+    args = cpu_args(tmp_path / "hf", batch=2, steps=2)
+    cb = BlipmonCallback(out=tmp_path / "profiles")
+    with pytest.warns(UserWarning, match="without image placeholder tokens"):
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    run = load_run(cb.run_dir)
+    assert run.summary()["status"] == "ok"
+    notes = [n for n in run.notes if "placeholder" in n]
+    assert len(notes) == 1 and "the images do not affect the loss" in notes[0]  # once, not every step
+    assert "note     BLIP-2 batch without image placeholder tokens" in render_show(run)
+
+
+def test_trainer_oom_in_forward_is_recorded_with_step_and_phase(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    from blipmon.integrations.transformers import BlipmonCallback
+
+    args = cpu_args(tmp_path / "hf", batch=4, steps=4, accumulate=2)
     cb = BlipmonCallback(out=tmp_path / "profiles")
     trainer = Trainer(model=OomOnSecondStep(), args=args, train_dataset=Regression(), callbacks=[cb])
     with pytest.raises(torch.OutOfMemoryError) as raised:

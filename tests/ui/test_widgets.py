@@ -107,3 +107,12 @@ def test_timeline_through_render_line(gpu_run: Path) -> None:
     lines = asyncio.run(main())
     assert lines[0].startswith("memory") or lines[0].startswith("━GPU")
     assert lines == [s.text for s in timeline_lines(snap, 90, 14)][: len(lines)]
+
+
+def test_run_notes_come_first_in_the_log_pane(gpu_run: Path) -> None:
+    """What blipmon noticed about the run (a batch without image placeholders, say) is shown, not only saved."""
+    from blipmon.ui.live import log_lines
+
+    snap = _snap(gpu_run)
+    noted = Snapshot(**{**snap.__dict__, "notes": ("BLIP-2 batch without image placeholder tokens",), "log": ("x",)})
+    assert log_lines(noted) == ("blipmon note: BLIP-2 batch without image placeholder tokens", "x")

@@ -1,0 +1,66 @@
+"""BLIP-2 batches without image placeholders are noticed on the first forward, once, at the cost of one check."""
+
+from __future__ import annotations
+
+import torch
+
+from blipmon.runner.batch_check import watch_image_placeholders
+from blipmon.runner.data import SyntheticCaptions
+from blipmon.runner.models import family_of, model_class, tiny_config
+
+
+def _model_and_batches(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    cfg = tiny_config(name)
+    torch.manual_seed(0)
+    model = model_class(cfg)(cfg)
+
+    def batch(placeholders: bool) -> dict[str, torch.Tensor]:
+        ds = SyntheticCaptions(cfg, family_of(cfg), n=2, max_length=6, image_placeholders=placeholders)
+        return {k: torch.stack([ds[0][k], ds[1][k]]) for k in ds[0]}
+
+    return model, batch(True), batch(False)
+
+
+def test_a_batch_without_placeholders_is_reported_once() -> None:
+    model, _, bare = _model_and_batches("tiny/blip2-opt")
+    seen: list[str] = []
+    assert watch_image_placeholders(model, seen.append) == 1
+    model(**bare)
+    model(**bare)
+    assert len(seen) == 1
+    assert "without image placeholder tokens" in seen[0] and "8 placeholders" in seen[0]  # tiny: 8 query tokens
+
+
+def test_a_batch_with_placeholders_says_nothing_and_stops_watching() -> None:
+    model, good, bare = _model_and_batches("tiny/blip2-t5")
+    seen: list[str] = []
+    watch_image_placeholders(model, seen.append)
+    model(**good)
+    model(**bare)  # the hook removed itself after the first forward: no cost, no report
+    assert seen == []
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_positional_input_ids_are_found() -> None:
+    model, _, bare = _model_and_batches("tiny/blip2-opt")
+    seen: list[str] = []
+    watch_image_placeholders(model, seen.append)
+    model(bare["pixel_values"], bare["input_ids"], labels=bare["labels"])
+    assert len(seen) == 1
+
+
+def test_models_without_blip2_are_not_watched() -> None:
+    cfg = tiny_config("tiny/blip-vqa")
+    model = model_class(cfg)(cfg)
+    assert watch_image_placeholders(model, lambda _m: None) == 0
+    assert watch_image_placeholders(torch.nn.Linear(2, 2), lambda _m: None) == 0
+
+
+def test_a_wrapper_module_is_searched() -> None:
+    """Lightning modules and DDP hold the model as a child: the check finds it inside."""
+    model, _, bare = _model_and_batches("tiny/blip2-opt")
+    wrapper = torch.nn.ModuleDict({"model": model})
+    seen: list[str] = []
+    assert watch_image_placeholders(wrapper, seen.append) == 1
+    model(**bare)
+    assert len(seen) == 1
