@@ -52,17 +52,26 @@ def main() -> int:
     cuda = torch.cuda.is_available() and cfg["model"]["device_map"] != "cpu"
     with_p: list[float] = []
     without: list[float] = []
+    paired: list[float] = []  # each round's ratio of medians: drift between rounds cancels out
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.rounds):
             order = (True, False) if r % 2 == 0 else (False, True)
+            medians = {}
             for probes in order:
-                (with_p if probes else without).extend(measure(cfg, probes, cuda, Path(d)))
+                steps = measure(cfg, probes, cuda, Path(d))
+                (with_p if probes else without).extend(steps)
+                medians[probes] = statistics.median(steps)
+            paired.append(medians[True] / medians[False])
     a, b = statistics.median(with_p), statistics.median(without)
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"config {args.config} on {device}; {len(with_p)} steps per arm, {args.rounds} interleaved rounds")
     print(f"median step with probes    {a * 1000:8.2f} ms")
     print(f"median step without probes {b * 1000:8.2f} ms")
     print(f"overhead ratio {a / b:.3f}")
+    print(
+        f"per-round ratios: median {statistics.median(paired):.3f}, "
+        f"min {min(paired):.3f}, max {max(paired):.3f} ({len(paired)} rounds)"
+    )
     return 0
 
 
