@@ -194,6 +194,7 @@ class Recorder:
         self.run_dir: Path | None = None
         self.writer: EventWriter | None = None
         self.probe: Any = None
+        self._hooks: list[Any] = []
         self.sampler: Any = None
         self.disabled = False
         self.finished = False
@@ -286,7 +287,7 @@ class Recorder:
         # Activation checkpointing keeps each checkpointed layer's inputs instead of its saved tensors:
         # count those, as ``blipmon run`` does (a no-op for a model without checkpointing).
         track_checkpoint_inputs(model, self.probe.saved)
-        watch_image_placeholders(model, self._note_and_warn)
+        self._hooks = watch_image_placeholders(model, self._note_and_warn)
         if cuda:
             torch.cuda.reset_peak_memory_stats(cuda_dev)
         self.sampler = Sampler(emit, self.sample_hz, cuda=cuda, cuda_device=cuda_dev or 0, rank=rank)
@@ -298,7 +299,9 @@ class Recorder:
 
     def _note_and_warn(self, text: str) -> None:
         """Something the user should fix in their script: in the run's notes, and on their terminal now."""
-        if self.writer is not None and not self.finished:
+        if self.finished:
+            return
+        if self.writer is not None:
             self.writer.write("note", message=text)
         warnings.warn(f"blipmon: {text}", UserWarning, stacklevel=2)
 
@@ -318,6 +321,11 @@ class Recorder:
             return
         self.finished = True
         self._track_close()
+        for handle in self._hooks:  # a run that ends before its first forward leaves no hook behind
+            handle.remove()
+        self._hooks = []
+        if self.probe is not None:
+            self.probe.close()
         if self._failure is not None and status == "ok":
             status = self._failure[0]
         self.status = status

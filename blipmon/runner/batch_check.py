@@ -37,13 +37,15 @@ def _input_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[1] if len(args) > 1 else None  # forward(pixel_values, input_ids, ...)
 
 
-def watch_image_placeholders(model: torch.nn.Module, on_missing: Callable[[str], None]) -> int:
-    """Check the first forward of every BLIP-2 model inside ``model``; returns how many are watched.
+def watch_image_placeholders(model: torch.nn.Module, on_missing: Callable[[str], None]) -> list[Any]:
+    """Check the first forward of every BLIP-2 model inside ``model``; returns the hooks' handles.
 
-    ``on_missing`` gets a message (once per model) when that forward's ``input_ids`` hold no placeholder. Each
-    hook removes itself after the first forward, so the cost is one comparison per model and run.
+    ``on_missing`` gets a message (once per model) when a row of that forward's ``input_ids`` holds no
+    placeholder. Each hook removes itself after the first forward, so the cost is one comparison per model and
+    run; a caller that may stop before any forward removes the handles itself. The hook runs inside the user's
+    forward, so nothing it does (a failing note, a warning turned into an error) reaches the model.
     """
-    watched = 0
+    handles = []
     for module in model.modules():
         if not _is_blip2(module):
             continue
@@ -53,18 +55,21 @@ def watch_image_placeholders(model: torch.nn.Module, on_missing: Callable[[str],
             token = getattr(cfg, "image_token_index", None)
         if token is None:  # no placeholder id to look for
             continue
-        _watch(module, int(token), int(getattr(cfg, "num_query_tokens", 0) or 0), on_missing)
-        watched += 1
-    return watched
+        handles.append(_watch(module, int(token), int(getattr(cfg, "num_query_tokens", 0) or 0), on_missing))
+    return handles
 
 
-def _watch(module: torch.nn.Module, token: int, num_query: int, on_missing: Callable[[str], None]) -> None:
+def _watch(module: torch.nn.Module, token: int, num_query: int, on_missing: Callable[[str], None]) -> Any:
     def check(_mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         handle.remove()
-        ids = _input_ids(args, kwargs)
-        if not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None:
-            return
-        if not bool((ids == token).any()):
-            on_missing(message(token, num_query))
+        try:
+            ids = _input_ids(args, kwargs)
+            if not isinstance(ids, torch.Tensor) or ids.dim() == 0:
+                return
+            if not bool((ids == token).any(-1).all()):  # transformers builds the mask from input_ids when given
+                on_missing(message(token, num_query))
+        except Exception:  # noqa: BLE001, S110 - a diagnostic must never break the user's forward
+            pass
 
     handle = module.register_forward_pre_hook(check, with_kwargs=True)
+    return handle

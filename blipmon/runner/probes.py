@@ -126,19 +126,32 @@ class CountingSavedTensorTracker(SavedTensorTracker):
     At the boundary after forward every saved tensor is new, so keying them there cost a cache fill each
     (most of the probe's time on a small model); the pack hook already holds the tensor. The estimator keeps the
     plain tracker: fake tensors have no storage address to key.
+
+    The hooks run inside the user's forward, so they never raise: a tensor whose storage cannot be read (sparse,
+    a wrapper subclass) is remembered as a failure that ``count`` raises at the next boundary, where the callers
+    turn it into "phase recording stopped". A storage resized after it was saved (FSDP frees them with
+    ``resize_(0)``) keeps its size at save time: blipmon's own strategies never do that.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._entries: list[tuple[weakref.ref[torch.Tensor], _Key, int, bool]] = []
+        self.failure: str | None = None
+
+    def _add(self, t: torch.Tensor) -> None:
+        try:
+            self._entries.append((weakref.ref(t), *_key(t)))
+        except Exception as e:  # noqa: BLE001 - reported at the boundary, never inside the forward
+            if self.failure is None:
+                self.failure = f"cannot read the storage of a saved {type(t).__name__} ({type(e).__name__}: {e})"
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         alias = t.detach()
-        self._entries.append((weakref.ref(alias), *_key(alias)))
+        self._add(alias)
         return alias
 
     def note(self, t: torch.Tensor) -> None:
-        self._entries.append((weakref.ref(t), *_key(t)))
+        self._add(t)
 
     def alive(self) -> Iterator[torch.Tensor]:
         for r, *_ in self._entries:
@@ -148,6 +161,8 @@ class CountingSavedTensorTracker(SavedTensorTracker):
 
     def count(self, exclude: set[_Key]) -> tuple[int, int]:
         """(total bytes, bytes on CUDA) of the unique live saved storages, ``exclude`` (parameters) left out."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
         seen: set[_Key] = set()
         live = []
         total = on_cuda = 0
@@ -181,30 +196,34 @@ class HostRss:
 
     def __call__(self) -> int:
         pid = os.getpid()
-        if pid != self._pid:  # first call, or a forked child: /proc/self was resolved in another process
+        if pid != self._pid:  # first call, or a forked child: the file was opened by another process
             self._open(pid)
         if self._fd is not None:
             try:
                 return int(os.pread(self._fd, 256, 0).split()[1]) * self._page
             except (OSError, ValueError, IndexError):
-                self._fd = None
+                self.close()
         return int(self._proc.memory_info().rss)
 
     def _open(self, pid: int) -> None:
-        if self._fd is not None:  # the parent's file, inherited through fork
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+        self.close()  # the parent's file, inherited through fork
         self._pid = pid
         self._proc = psutil.Process(pid)
         try:
-            self._fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY)
         except OSError:
             self._fd = None
 
-    def __del__(self) -> None:
-        if self._fd is not None:
+    def close(self) -> None:
+        """Give the file back; a later read opens it again."""
+        fd, self._fd = self._fd, None
+        self._pid = -1
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def track_checkpoint_inputs(
@@ -342,6 +361,10 @@ class PhaseProbe:
         self.emit("phase", **rec)
         return rec
 
+    def close(self) -> None:
+        """Release the open /proc file (a script may train many times in one process)."""
+        self._rss.close()
+
 
 class NullProbe:
     """Same interface, no measurement: the baseline that ``benchmarks/overhead.py`` compares against."""
@@ -358,3 +381,6 @@ class NullProbe:
 
     def boundary(self, phase: str, step: int, micro_step: int) -> dict[str, Any]:
         return {}
+
+    def close(self) -> None:
+        pass

@@ -22,6 +22,11 @@ from blipmon.runner.distributed import Dist
 from blipmon.runner.models import LoadedModel
 from blipmon.runner.probes import NullProbe, PhaseProbe, track_checkpoint_inputs
 
+DELIBERATE_NO_PLACEHOLDERS = (
+    "captions without image placeholder tokens (data.image_placeholders = false, as the seed lab tokenizes them): "
+    "the language model sees the captions only and the images do not affect the loss"
+)
+
 LORA_TARGETS = {
     "blip2-decoder": r".*language_model.*\.(q_proj|v_proj|query_key_value)",  # OPT; BLOOM (mBLIP) fuses q/k/v
     "blip2-encdec": r".*language_model.*\.(q|v)",
@@ -208,7 +213,9 @@ def run_train(
             track_checkpoint_inputs(model, probe.saved)
     else:
         probe = NullProbe()
-    if dist.writes_run:
+    if dist.writes_run and not cfg["data"]["image_placeholders"] and loaded.family.startswith("blip2"):
+        emit("note", message=DELIBERATE_NO_PLACEHOLDERS)
+    elif dist.writes_run:  # a batch of blipmon's own should never lack them; a real folder's might
         watch_image_placeholders(loaded.model, lambda text: emit("note", message=text))
     float_dtype = torch.bfloat16 if t["precision"] == "bf16-true" else torch.float32
     if engine is not None:  # DeepSpeed runs the whole model in its half dtype: inputs must match

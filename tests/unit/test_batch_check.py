@@ -24,7 +24,7 @@ def _model_and_batches(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tens
 def test_a_batch_without_placeholders_is_reported_once() -> None:
     model, _, bare = _model_and_batches("tiny/blip2-opt")
     seen: list[str] = []
-    assert watch_image_placeholders(model, seen.append) == 1
+    assert len(watch_image_placeholders(model, seen.append)) == 1
     model(**bare)
     model(**bare)
     assert len(seen) == 1
@@ -52,8 +52,8 @@ def test_positional_input_ids_are_found() -> None:
 def test_models_without_blip2_are_not_watched() -> None:
     cfg = tiny_config("tiny/blip-vqa")
     model = model_class(cfg)(cfg)
-    assert watch_image_placeholders(model, lambda _m: None) == 0
-    assert watch_image_placeholders(torch.nn.Linear(2, 2), lambda _m: None) == 0
+    assert watch_image_placeholders(model, lambda _m: None) == []
+    assert watch_image_placeholders(torch.nn.Linear(2, 2), lambda _m: None) == []
 
 
 def test_a_wrapper_module_is_searched() -> None:
@@ -61,6 +61,35 @@ def test_a_wrapper_module_is_searched() -> None:
     model, _, bare = _model_and_batches("tiny/blip2-opt")
     wrapper = torch.nn.ModuleDict({"model": model})
     seen: list[str] = []
-    assert watch_image_placeholders(wrapper, seen.append) == 1
+    assert len(watch_image_placeholders(wrapper, seen.append)) == 1
     model(**bare)
     assert len(seen) == 1
+
+
+def test_one_row_without_placeholders_is_enough() -> None:
+    model, good, bare = _model_and_batches("tiny/blip2-opt")
+    mixed = {**good, "input_ids": good["input_ids"].clone()}
+    mixed["input_ids"][1] = 5  # the second row lost its placeholders (same length, so the batch still stacks)
+    seen: list[str] = []
+    watch_image_placeholders(model, seen.append)
+    model(**{k: v for k, v in mixed.items() if k != "labels"})
+    assert len(seen) == 1
+
+
+def test_nothing_the_check_does_reaches_the_forward() -> None:
+    """A failing note or a warning made an error (``-W error``) must not break the user's training step."""
+    model, _, bare = _model_and_batches("tiny/blip2-opt")
+
+    def failing(_text: str) -> None:
+        raise OSError("disk full")
+
+    watch_image_placeholders(model, failing)
+    out = model(**bare)
+    assert out.loss is not None
+
+
+def test_handles_remove_a_hook_that_never_ran() -> None:
+    model, _, _ = _model_and_batches("tiny/blip2-t5")
+    for handle in watch_image_placeholders(model, lambda _m: None):
+        handle.remove()
+    assert not any(m._forward_pre_hooks for m in model.modules())

@@ -84,3 +84,23 @@ def test_host_rss_follows_a_forked_child() -> None:
     answer = os.read(r, 1)
     os.waitpid(pid, 0)
     assert answer == b"1"
+
+
+def test_an_unreadable_saved_tensor_fails_at_the_boundary_not_in_the_forward() -> None:
+    tracker = CountingSavedTensorTracker()
+    dense = torch.randn(4, 4, requires_grad=True)
+    sparse = torch.eye(4).to_sparse()
+    with tracker.track():
+        out = torch.sparse.mm(sparse, dense).sum()  # saves the sparse operand: it has no plain storage
+    out.backward()  # the step itself went on
+    with pytest.raises(RuntimeError, match="cannot read the storage"):
+        tracker.count(set())
+
+
+def test_host_rss_can_be_closed_and_read_again() -> None:
+    rss = HostRss()
+    first = rss()
+    rss.close()
+    assert rss._fd is None
+    assert abs(rss() - first) < 64 * 1024 * 1024  # reopened on demand
+    rss.close()
