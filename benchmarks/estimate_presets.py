@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 
+from blipmon.core.presets import LAB_CARD_BYTES as CAPACITY  # total_memory of the lab's cards
+
 GIB = 1024**3
-# torch.cuda.get_device_properties(0).total_memory of the lab's cards, as their OOM messages print it.
-CAPACITY = {"a100": int(79.35 * GIB), "h100": int(79.11 * GIB)}
 SEED_OOM = {"baseline", "flan-t5-xxl", "flan-t5-xxl-bs1"}
 
 

@@ -132,6 +132,10 @@ _H100: list[_LabRow] = [
 ]
 
 
+# What torch reports as total_memory for the lab's "80 GB" cards (their OOM messages print it): the capacity a
+# verdict about them must use. An "80 GB" card holds less than 80 GiB.
+LAB_CARD_BYTES = {"a100": int(79.35 * 1024**3), "h100": int(79.11 * 1024**3)}
+
 # The longest caption of a lab batch, in tokens: short captions (COCO-style, ~11 words on average) padded to
 # the longest of 16-64 of them come to about 20-25 tokens with the BOS token.
 LAB_CAPTION_TOKENS = 24

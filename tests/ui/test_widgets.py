@@ -116,3 +116,16 @@ def test_run_notes_come_first_in_the_log_pane(gpu_run: Path) -> None:
     snap = _snap(gpu_run)
     noted = Snapshot(**{**snap.__dict__, "notes": ("BLIP-2 batch without image placeholder tokens",), "log": ("x",)})
     assert log_lines(noted) == ("blipmon note: BLIP-2 batch without image placeholder tokens", "x")
+
+
+def test_without_a_gpu_the_launcher_judges_against_the_labs_card_as_torch_reports_it() -> None:
+    """An "80 GB" H100 holds 79.11 GiB: a verdict against 80 GiB would pass configurations the lab's card fails."""
+    from types import SimpleNamespace
+
+    from blipmon.ui.widgets.estimate import LAB_CARD, describe
+
+    data = {"gpu_memory_bytes": LAB_CARD, "peak_bytes": 79 * 2**30, "peak_phase": "after_bwd", "verdict": "oom"}
+    est = SimpleNamespace(to_json=lambda: {**data, "seconds": 7.0}, peak_step=1)
+    text = describe(est, assumed_card=True)
+    assert LAB_CARD < 80 * 2**30
+    assert "OUT OF MEMORY" in text and "an 80 GB card, 79.11 GiB (no GPU here)" in text

@@ -2,8 +2,8 @@
 
 An estimate takes a few seconds (a fake-tensor training step), so it runs in a thread worker; a
 newer configuration cancels the older one, and the panel says "estimating" meanwhile. A GPU
-configuration on a machine without a GPU is judged against an 80 GiB card, the seed lab's, and
-the panel says so.
+configuration on a machine without a GPU is judged against an 80 GB H100, the seed lab's card (79.11 GiB as
+torch reports it), and the panel says so.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 from textual import work
 from textual.widgets import Static
 
-from blipmon.core.units import GIB, fmt_bytes
+from blipmon.core.presets import LAB_CARD_BYTES
+from blipmon.core.units import fmt_bytes
 
-LAB_CARD = 80 * GIB
+LAB_CARD = LAB_CARD_BYTES["h100"]
 
 
 def estimate_text(cfg: dict[str, Any] | None) -> str:
@@ -33,7 +34,7 @@ def estimate_text(cfg: dict[str, Any] | None) -> str:
 def describe(est: Any, assumed_card: bool) -> str:
     data = est.to_json()
     cap = data["gpu_memory_bytes"]
-    where = "an 80 GiB card (no GPU here)" if assumed_card else fmt_bytes(cap)
+    where = f"an 80 GB card, {fmt_bytes(cap)} (no GPU here)" if assumed_card else fmt_bytes(cap)
     verdict = "FITS" if data["verdict"] == "fits" else "OUT OF MEMORY"
     return (
         f"estimate: {verdict} — peak {fmt_bytes(data['peak_bytes'])} at step {est.peak_step} {data['peak_phase']} "
