@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("run", help="run one job; headless unless --live; prints the run directory")
-    s.add_argument("config", metavar="CONFIG", help="preset name (tiny/blip2-opt) or path to a TOML file")
+    s.add_argument(
+        "config", metavar="CONFIG", help="preset name (tiny/blip2-opt), a TOML file, or a saved run (its configuration)"
+    )
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
     s.add_argument("--live", action="store_true", help="watch it in the dashboard")
@@ -56,13 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", type=Path, metavar="RUN", help="a run directory or a sweep folder (with sweep.json)")
 
     s = sub.add_parser("estimate", help="predict a configuration's per-phase memory before running it")
-    s.add_argument("config", metavar="CONFIG")
+    s.add_argument("config", metavar="CONFIG", help="preset name, a TOML file, or a saved run (its configuration)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     s.add_argument("--gpu-memory", default=None, metavar="SIZE")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("sweep", help="run several configurations one after another")
-    s.add_argument("configs", nargs="+", metavar="CONFIG", help="presets, groups (h100/), TOML files or folders")
+    s.add_argument(
+        "configs",
+        nargs="+",
+        metavar="CONFIG",
+        help="presets, groups (h100/), TOML files, folders of them, or saved runs",
+    )
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V", help="for every run")
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
     s.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table",

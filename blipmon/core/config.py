@@ -318,18 +318,40 @@ def _name_from_stem(stem: str) -> str:
 
 
 def resolve(source: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Preset name or TOML path plus ``--set`` overrides -> validated configuration."""
+    """Preset name, TOML path or saved run directory plus ``--set`` overrides -> validated configuration.
+
+    A run directory stands for the configuration it ran ("this again, with a bigger batch"): its
+    ``config.json`` is read as data, validated like any file.
+    """
     from blipmon.core import presets
 
+    path = Path(source)
     if presets.exists(source):
         raw = presets.get(source)
-    elif source.endswith(".toml") or Path(source).is_file():
-        raw = load_toml(Path(source))
+    elif path.is_dir() and (path / RUN_CONFIG).is_file():
+        raw = load_run_config(path)
+    elif source.endswith(".toml") or path.is_file():
+        raw = load_toml(path)
     else:
         close = difflib.get_close_matches(source, presets.names(), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See `blipmon presets`."
-        raise ConfigError(f"{source!r} is neither a preset nor a TOML file.{hint}")
+        raise ConfigError(f"{source!r} is neither a preset, a TOML file nor a run directory.{hint}")
     return validate(merge(raw, parse_set(overrides)))
+
+
+RUN_CONFIG = "config.json"  # what a run directory keeps of its configuration (core/profile.py writes it)
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """The configuration a saved run ran with, its name included (a new run gets its own directory)."""
+    f = run_dir / RUN_CONFIG
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{f}: cannot read the run's configuration: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{f}: not a configuration object")
+    return data
 
 
 def to_toml(cfg: Mapping[str, Any]) -> str:

@@ -25,9 +25,11 @@ from typing import IO, Any
 
 import numpy as np
 
+from blipmon.core.config import RUN_CONFIG
+
 FORMAT_VERSION = 1
 EVENTS = "events.jsonl"
-CONFIG = "config.json"
+CONFIG = RUN_CONFIG
 LOG = "child.log"
 
 

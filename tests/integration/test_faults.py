@@ -221,7 +221,7 @@ def test_host_oom_in_the_child_is_recorded_as_oom_with_step_and_phase(fault_runs
         (["tiny/blip2-opt", "--set", "train.act_ckpt=yes"], ["train.act_ckpt = 'yes'", "true/false"]),
         (["tiny/blip2-opt", "--set", "train.batch_size"], ["expected KEY=VALUE"]),
         (["tiny/blip2-opt", "--set", "name=../../escaped"], ["name = '../../escaped'", "no '..'"]),
-        (["tiny/blip2-op"], ["neither a preset nor a TOML file", "tiny/blip2-opt"]),
+        (["tiny/blip2-op"], ["neither a preset, a TOML file nor a run directory", "tiny/blip2-opt"]),
         (["no/such.toml"], ["no/such.toml", "no such configuration file"]),
         (["tiny/blip2-opt", "--set", "model.id=tiny/nope"], ["model.id = 'tiny/nope'", "tiny/blip2-opt"]),
     ],

@@ -311,7 +311,9 @@ def test_toml_syntax_errors_name_the_file(tmp_path: Path) -> None:
 def test_missing_file_and_unknown_preset(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         resolve(str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigError, match=r"neither a preset nor a TOML file\. Did you mean: .*h100/baseline"):
+    with pytest.raises(
+        ConfigError, match=r"neither a preset, a TOML file nor a run directory\. Did you mean: .*h100/baseline"
+    ):
         resolve("h100/basline")
     with pytest.raises(ConfigError, match="See `blipmon presets`"):
         resolve("zzzzzzzz")
@@ -376,3 +378,41 @@ def test_deepspeed_configuration_follows_the_precision_and_offloads_the_optimize
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 5)
+
+
+def test_a_saved_run_directory_is_its_configuration(tmp_path: Path) -> None:
+    """`blipmon run profiles/<run> --set ...`: the same configuration again, with a change."""
+    from blipmon.core.profile import write_config
+
+    cfg = config.resolve("tiny/blip2-t5", ["train.batch_size=3", "data.image_placeholders=false"])
+    run_dir = tmp_path / "20261123T120000-tiny-blip2-t5"
+    run_dir.mkdir()
+    write_config(run_dir, cfg)
+    assert config.resolve(str(run_dir)) == cfg
+    again = config.resolve(str(run_dir), ["train.batch_size=5"])
+    assert again["train"]["batch_size"] == 5 and again["data"]["image_placeholders"] is False
+
+
+def test_a_damaged_run_configuration_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not a configuration object"):
+        config.resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ConfigError, match="cannot read the run's configuration"):
+        config.resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"train": {"batch_size": "big"}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        config.resolve(str(tmp_path))
+
+
+def test_a_sweep_takes_saved_runs_beside_presets(tmp_path: Path) -> None:
+    """A folder with a run's config.json is that run, not a folder of TOML files."""
+    from blipmon.commands.sweep import expand
+    from blipmon.core.profile import write_config
+
+    run_dir = tmp_path / "20261123T120000-tiny-blip2-opt"
+    run_dir.mkdir()
+    write_config(run_dir, config.resolve("tiny/blip2-opt", ["train.batch_size=3"]))
+    entries = expand([str(run_dir), "tiny/blip2-t5"], ["train.max_steps=1"])
+    assert [e.cfg["train"]["batch_size"] for e in entries][0] == 3
+    assert all(e.cfg["train"]["max_steps"] == 1 for e in entries)
