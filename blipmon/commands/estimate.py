@@ -74,10 +74,12 @@ def render(est: Any) -> str:
         lines.append(f"note     {n}")
     if est.host_optim_bytes:
         lines.append(f"host     {fmt_bytes(est.host_optim_bytes)} of host RAM for offloaded optimizer state")
-    verdict = (
-        f"FITS with {fmt_bytes(hr)} to spare"
-        if est.verdict == "fits"
-        else f"OUT OF MEMORY: short by {fmt_bytes(-hr)} at step {est.peak_step} {est.peak_phase}"
-    )
+    if est.verdict == "fits":
+        verdict = f"FITS with {fmt_bytes(hr)} to spare"
+    else:
+        verdict = f"OUT OF MEMORY: runs out at {est.runs_out_text()}"
+        first = est.runs_out
+        if first is not None and (first.step, first.phase) != (est.peak_step, est.peak_phase):
+            verdict += f"; its peak would be at step {est.peak_step} {est.peak_phase}, {fmt_bytes(-hr)} over"
     lines.append(f"verdict  {verdict}   ({est.seconds:.1f} s)")
     return "\n".join(lines) + "\n"

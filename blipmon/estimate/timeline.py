@@ -27,6 +27,13 @@ from typing import Any
 from blipmon.core.config import ConfigError, caption_tokens
 
 PHASES = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
+# What runs in the interval that ends at each boundary: where a run that does not fit would fail.
+INTERVAL = {
+    "before_fwd": "between steps",
+    "after_fwd": "forward",
+    "after_bwd": "backward",
+    "after_opt_step": "optimizer step",
+}
 # Device memory outside the caching allocator: the CUDA context, kernels and library handles. About 0.5 GiB on
 # A100/H100 with CUDA 12's lazy module loading; the allocator's own block rounding is left out (small for large
 # tensors, which are what decide a verdict).
@@ -94,6 +101,26 @@ class Estimate:
     optim_step_temp_bytes: int = 0
     short_layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # stack -> (traced, full) layers
     notes: tuple[str, ...] = ()
+
+    @property
+    def runs_out(self) -> PhaseEstimate | None:
+        """The first interval, in the order a run meets them, that needs more than the capacity; None if it fits.
+
+        A run fails there, which can be before the peak: a configuration whose peak is in step 1's backward may
+        already not survive step 0's optimizer step.
+        """
+        limit = self.capacity_bytes - self.runtime_bytes
+        return next((p for p in self.phases if p.total > limit), None)
+
+    def runs_out_text(self) -> str:
+        """Where it would run out, for people: "step 0 after_bwd (backward), short by 1.2 GiB there"."""
+        from blipmon.core.units import fmt_bytes
+
+        p = self.runs_out
+        if p is None:
+            return ""
+        short = p.total - (self.capacity_bytes - self.runtime_bytes)
+        return f"step {p.step} {p.phase} ({INTERVAL.get(p.phase, p.phase)}), short by {fmt_bytes(short)} there"
 
     @property
     def headroom_bytes(self) -> int:

@@ -88,3 +88,25 @@ def test_full_size_lab_presets_get_the_labs_verdict(capsys: pytest.CaptureFixtur
     assert code == 0
     assert f"verdict  {lab}" in out
     assert "data.image_placeholders = false" in out
+
+
+def test_it_says_where_a_run_would_run_out_not_only_where_it_peaks(capsys: pytest.CaptureFixture[str]) -> None:
+    """The first interval over the capacity is where the run dies; it can come before the peak."""
+    from blipmon.core import config
+    from blipmon.estimate import estimate
+
+    cfg = config.resolve("tiny/blip2-opt", ["train.batch_size=4"])
+    big = estimate(cfg, capacity_bytes=1024**4, device="cuda")
+    assert big.runs_out is None and big.runs_out_text() == ""
+    totals = [p.total for p in big.phases]
+    # a card that holds step 0's forward but not its backward, say: the first total over it decides
+    cap = big.runtime_bytes + sorted(set(totals))[len(set(totals)) // 2]
+    est = estimate(cfg, capacity_bytes=cap, device="cuda")
+    first = est.runs_out
+    assert first is not None
+    order = [(p.step, p.phase) for p in est.phases]
+    over = [k for k, p in zip(order, est.phases, strict=True) if p.total + est.runtime_bytes > cap]
+    assert (first.step, first.phase) == over[0]
+    assert f"step {first.step} {first.phase} (" in est.runs_out_text()
+    code, out, _ = run(capsys, "tiny/blip2-opt", "--set", "train.batch_size=4", "--gpu-memory", str(cap))
+    assert code == 0 and f"OUT OF MEMORY: runs out at step {first.step} {first.phase}" in out

@@ -35,10 +35,14 @@ def describe(est: Any, assumed_card: bool) -> str:
     data = est.to_json()
     cap = data["gpu_memory_bytes"]
     where = f"an 80 GB card, {fmt_bytes(cap)} (no GPU here)" if assumed_card else fmt_bytes(cap)
-    verdict = "FITS" if data["verdict"] == "fits" else "OUT OF MEMORY"
+    if data["verdict"] == "fits":
+        return (
+            f"estimate: FITS — peak {fmt_bytes(data['peak_bytes'])} at step {est.peak_step} {data['peak_phase']} "
+            f"against {where} ({data['seconds']:.1f} s)"
+        )
     return (
-        f"estimate: {verdict} — peak {fmt_bytes(data['peak_bytes'])} at step {est.peak_step} {data['peak_phase']} "
-        f"against {where} ({data['seconds']:.1f} s)"
+        f"estimate: OUT OF MEMORY at {est.runs_out_text()} — peak {fmt_bytes(data['peak_bytes'])} against {where} "
+        f"({data['seconds']:.1f} s)"
     )
 
 
