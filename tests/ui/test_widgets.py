@@ -125,7 +125,9 @@ def test_without_a_gpu_the_launcher_judges_against_the_labs_card_as_torch_report
     from blipmon.ui.widgets.estimate import LAB_CARD, describe
 
     data = {"gpu_memory_bytes": LAB_CARD, "peak_bytes": 79 * 2**30, "peak_phase": "after_bwd", "verdict": "oom"}
-    est = SimpleNamespace(to_json=lambda: {**data, "seconds": 7.0}, peak_step=1)
+    where = "step 1 after_bwd (backward), short by 520.00 MiB there"
+    est = SimpleNamespace(to_json=lambda: {**data, "seconds": 7.0}, peak_step=1, runs_out_text=lambda: where)
     text = describe(est, assumed_card=True)
     assert LAB_CARD < 80 * 2**30
-    assert "OUT OF MEMORY" in text and "an 80 GB card, 79.11 GiB (no GPU here)" in text
+    assert "OUT OF MEMORY at step 1 after_bwd (backward)" in text  # where it would run out, before the run
+    assert "an 80 GB card, 79.11 GiB (no GPU here)" in text
