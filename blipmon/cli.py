@@ -193,14 +193,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
         sys.stdout.write(render_show(run))
         if isinstance(run.prediction, dict) and run.prediction.get("phases"):
             from blipmon.core.units import GIB
-            from blipmon.estimate import predicted_vs_measured, render_predicted_vs_measured
+            from blipmon.estimate import predicted_vs_measured, render_predicted_vs_measured, render_verdict_line
 
             rows = predicted_vs_measured(run.prediction, run.summary())
             unit = "GiB" if any((r["predicted"] or 0) >= GIB for r in rows) else "MiB"
             sys.stdout.write(render_predicted_vs_measured(rows, unit=unit))
-            verdict = run.prediction.get("verdict")
-            sys.stdout.write(f"estimate {verdict} against {run.prediction.get('gpu_memory_bytes', 0) / GIB:.1f} GiB; "
-                             f"predicted peak at {run.prediction.get('peak_phase')}\n")  # fmt: skip
+            on_gpu = run.environment.get("device") == "cuda"
+            sys.stdout.write(render_verdict_line(run.prediction, on_gpu=on_gpu, oom=run.oom))
     return 0
 
 

@@ -6,7 +6,12 @@ activations are measured by running the training step of a shortened copy of the
 docs/memory-model.md for the model and its sources. UI-free: nothing here imports Textual.
 """
 
-from blipmon.estimate.compare import predict_for_run, predicted_vs_measured, render_predicted_vs_measured
+from blipmon.estimate.compare import (
+    predict_for_run,
+    predicted_vs_measured,
+    render_predicted_vs_measured,
+    render_verdict_line,
+)
 from blipmon.estimate.timeline import (
     PHASES,
     Estimate,
@@ -26,4 +31,5 @@ __all__ = [
     "predict_for_run",
     "predicted_vs_measured",
     "render_predicted_vs_measured",
+    "render_verdict_line",
 ]

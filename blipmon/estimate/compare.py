@@ -78,6 +78,31 @@ def render_predicted_vs_measured(rows: list[dict[str, Any]], *, unit: str = "MiB
     return "\n".join(lines) + "\n"
 
 
+def render_verdict_line(prediction_json: dict[str, Any], *, on_gpu: bool, oom: dict[str, Any] | None) -> str:
+    """What the saved estimate said beside what happened: the verdict, where it would run out, where it did.
+
+    The saved JSON is the fixed ``estimate --json`` object, so where a run would run out is recomputed from it:
+    the first phase whose interval peak plus the runtime allowance exceeds the capacity.
+    """
+    from blipmon.estimate.timeline import CPU_RUNTIME_BYTES, CUDA_RUNTIME_BYTES, INTERVAL
+
+    gib = 1024**3
+    cap = int(prediction_json.get("gpu_memory_bytes") or 0)
+    phases = [p for p in prediction_json.get("phases") or [] if isinstance(p, dict)]
+    peak = max(phases, key=lambda p: int(p.get("total") or 0), default=None)
+    line = f"estimate {prediction_json.get('verdict')} against {cap / gib:.1f} GiB"
+    if peak is not None:
+        line += f"; predicted peak at step {peak.get('step')} {peak.get('phase')}"
+    limit = cap - (CUDA_RUNTIME_BYTES if on_gpu else CPU_RUNTIME_BYTES)
+    first = next((p for p in phases if int(p.get("total") or 0) > limit), None)
+    if prediction_json.get("verdict") == "oom" and first is not None:
+        phase = str(first.get("phase"))
+        line += f"; predicted to run out at step {first.get('step')} {phase} ({INTERVAL.get(phase, phase)})"
+    if oom:
+        line += f"; the run ran out at step {oom.get('step')} {oom.get('phase')}"
+    return line + "\n"
+
+
 def predict_for_run(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """The prediction a run saves when it starts (``Estimate.to_json()``), or None when none can be made.
 
