@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from blipmon.core import presets
-from blipmon.core.config import RUN_CONFIG, ConfigError, resolve
+from blipmon.core.config import ConfigError, is_run_dir, resolve
 from blipmon.core.profile import EventReader, ProfileError
 from blipmon.core.report import oom_where, render_compare
 from blipmon.core.run import RunData, load_run
@@ -162,7 +162,7 @@ def _names_for(src: str) -> list[str]:
     if presets.exists(src):
         return [src]
     path = Path(src)
-    if path.is_dir() and (path / RUN_CONFIG).is_file():  # a saved run: its configuration again
+    if is_run_dir(path):  # a saved run: its configuration again
         return [src]
     if path.is_dir():
         files = sorted(str(p) for p in path.glob("*.toml"))

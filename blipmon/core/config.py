@@ -328,7 +328,7 @@ def resolve(source: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
     path = Path(source)
     if presets.exists(source):
         raw = presets.get(source)
-    elif path.is_dir() and (path / RUN_CONFIG).is_file():
+    elif is_run_dir(path):
         raw = load_run_config(path)
     elif source.endswith(".toml") or path.is_file():
         raw = load_toml(path)
@@ -340,6 +340,12 @@ def resolve(source: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
 
 
 RUN_CONFIG = "config.json"  # what a run directory keeps of its configuration (core/profile.py writes it)
+RUN_EVENTS = "events.jsonl"  # its event stream
+
+
+def is_run_dir(path: Path) -> bool:
+    """A blipmon run (its configuration and events), not just any folder with a config.json (a model's, say)."""
+    return path.is_dir() and (path / RUN_CONFIG).is_file() and (path / RUN_EVENTS).is_file()
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:

@@ -25,10 +25,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from blipmon.core.config import RUN_CONFIG
+from blipmon.core.config import RUN_CONFIG, RUN_EVENTS
 
 FORMAT_VERSION = 1
-EVENTS = "events.jsonl"
+EVENTS = RUN_EVENTS
 CONFIG = RUN_CONFIG
 LOG = "child.log"
 

@@ -388,12 +388,14 @@ def test_a_saved_run_directory_is_its_configuration(tmp_path: Path) -> None:
     run_dir = tmp_path / "20261123T120000-tiny-blip2-t5"
     run_dir.mkdir()
     write_config(run_dir, cfg)
+    (run_dir / "events.jsonl").write_text("", encoding="utf-8")
     assert config.resolve(str(run_dir)) == cfg
     again = config.resolve(str(run_dir), ["train.batch_size=5"])
     assert again["train"]["batch_size"] == 5 and again["data"]["image_placeholders"] is False
 
 
 def test_a_damaged_run_configuration_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_text("", encoding="utf-8")
     (tmp_path / "config.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ConfigError, match="not a configuration object"):
         config.resolve(str(tmp_path))
@@ -413,6 +415,14 @@ def test_a_sweep_takes_saved_runs_beside_presets(tmp_path: Path) -> None:
     run_dir = tmp_path / "20261123T120000-tiny-blip2-opt"
     run_dir.mkdir()
     write_config(run_dir, config.resolve("tiny/blip2-opt", ["train.batch_size=3"]))
+    (run_dir / "events.jsonl").write_text("", encoding="utf-8")
     entries = expand([str(run_dir), "tiny/blip2-t5"], ["train.max_steps=1"])
     assert [e.cfg["train"]["batch_size"] for e in entries][0] == 3
     assert all(e.cfg["train"]["max_steps"] == 1 for e in entries)
+
+
+def test_a_model_folder_is_not_mistaken_for_a_run(tmp_path: Path) -> None:
+    """A Hugging Face model folder has a config.json too: it is refused as a CONFIG, with the usual message."""
+    (tmp_path / "config.json").write_text('{"architectures": ["Blip2ForConditionalGeneration"]}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="neither a preset, a TOML file nor a run directory"):
+        config.resolve(str(tmp_path))
