@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from textual.widgets import OptionList
-from ui_helpers import compared, gpu_events, screen_text, wait_until, write_run
+from ui_helpers import compared, gpu_events, screen_text, wait_until, write_doc, write_run
 from ui_helpers import drive as _drive
 
 from blipmon import cli
@@ -68,21 +68,6 @@ RUNNING = [
     ("current", "running", "f-running", None, None),
     ("next", "pending", None, None, None),
 ]
-
-
-def write_doc(d: Path, configs: list[tuple[Any, ...]], *, finished: bool, **extra: Any) -> None:
-    doc = {
-        "format_version": 1,
-        "started": 1000.0,
-        "finished": finished,
-        "ended": 1100.0 if finished else None,
-        "configs": [
-            {"name": n, "source": n, "status": s, "exit_code": None, "run_dir": rd, "seconds": sec, "reason": why}
-            for n, s, rd, sec, why in configs
-        ],
-        **extra,
-    }
-    (d / "sweep.json").write_text(json.dumps(doc), encoding="utf-8")
 
 
 def sweep_folder(root: Path, configs: list[tuple[Any, ...]] = FINISHED, *, finished: bool = True, **extra: Any) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from support import BROKEN, NEEDS_GPU
 from textual.widgets import DataTable, OptionList
-from ui_helpers import compared, gpu_events, screen_text, wait_until, write_run
+from ui_helpers import compared, gpu_events, screen_text, wait_until, write_doc, write_run
 from ui_helpers import drive as _drive
 
 from blipmon.core.config import ConfigError
@@ -65,22 +65,8 @@ def _sweep_folder(root: Path) -> Path:
         ("next", "pending", None, None, None),
         ("later", "pending", None, None, None),
     ]
-    _write_doc(d, configs, finished=False)
+    write_doc(d, configs, finished=False)
     return d
-
-
-def _write_doc(d: Path, configs: list[tuple[Any, ...]], *, finished: bool) -> None:
-    doc = {
-        "format_version": 1,
-        "started": 1000.0,
-        "finished": finished,
-        "ended": 1100.0 if finished else None,
-        "configs": [
-            {"name": n, "source": n, "status": s, "exit_code": None, "run_dir": rd, "seconds": sec, "reason": why}
-            for n, s, rd, sec, why in configs
-        ],
-    }
-    (d / "sweep.json").write_text(json.dumps(doc), encoding="utf-8")
 
 
 def test_the_queue_shows_every_status_progress_peak_elapsed_and_eta(tmp_path: Path) -> None:
@@ -143,7 +129,7 @@ def test_the_queue_shows_every_status_progress_peak_elapsed_and_eta(tmp_path: Pa
             ("next", "not run", None, None, None),
             ("later", "not run", None, None, None),
         ]
-        _write_doc(d, configs, finished=True)
+        write_doc(d, configs, finished=True)
         screen.tick()
         await wait_until(pilot, lambda: compared(pilot.app), "the comparison")
         compare = pilot.app.screen

@@ -176,3 +176,19 @@ def compared(app: Any) -> bool:
         and bool(screen.query(DataTable))
         and screen.query_one(DataTable).row_count > 0
     )
+
+
+def write_doc(d: Path, configs: list[tuple[Any, ...]], *, finished: bool, **extra: Any) -> None:
+    """A sweep folder's sweep.json: (name, status, run_dir, seconds, reason) per configuration."""
+    doc = {
+        "format_version": 1,
+        "started": 1000.0,
+        "finished": finished,
+        "ended": 1100.0 if finished else None,
+        "configs": [
+            {"name": n, "source": n, "status": s, "exit_code": None, "run_dir": rd, "seconds": sec, "reason": why}
+            for n, s, rd, sec, why in configs
+        ],
+        **extra,
+    }
+    (d / "sweep.json").write_text(json.dumps(doc), encoding="utf-8")
