@@ -192,7 +192,7 @@ class HostRss:
         self._pid = -1
         self._fd: int | None = None
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self._proc = psutil.Process()
+        self._proc: psutil.Process | None = None  # set by _open on the first read, like the file
 
     def __call__(self) -> int:
         pid = os.getpid()
@@ -203,7 +203,7 @@ class HostRss:
                 return int(os.pread(self._fd, 256, 0).split()[1]) * self._page
             except (OSError, ValueError, IndexError):
                 self.close()
-        return int(self._proc.memory_info().rss)
+        return int((self._proc or psutil.Process()).memory_info().rss)
 
     def _open(self, pid: int) -> None:
         self.close()  # the parent's file, inherited through fork
