@@ -1,25 +1,37 @@
 # Two commands do everything on a fresh machine: `make demo` (the dashboard on the tiny demo) and `make test`.
+#
+# Everything installs into a project virtual environment (.venv), never into the system Python: Debian and
+# Ubuntu refuse `pip install` there (PEP 668, "externally-managed-environment"). Debian needs `python3-venv`.
+# PYTHON picks the interpreter the environment is made from (3.11+).
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: setup demo test lint bench
 
-.setup-done: pyproject.toml
+$(VPY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "blipmon needs Python 3.11 or newer: make PYTHON=python3.11 ...")'
+	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): on Debian/Ubuntu install python3-venv (apt install python3-venv)" >&2; exit 1; }
+
+$(VENV)/.setup-done: pyproject.toml | $(VPY)
+	$(PIP) install --quiet --upgrade pip >/dev/null 2>&1 || true
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet "$(TORCH_CPU)"
 	$(PIP) install --quiet -e ".[test]"
-	touch .setup-done
+	touch $@
 
-setup: .setup-done
+setup: $(VENV)/.setup-done
 
 demo: setup
-	$(PYTHON) -m blipmon run tiny/blip2-opt --live
+	$(VPY) -m blipmon run tiny/blip2-opt --live
 
 test: setup
-	$(PYTHON) -m ruff check blipmon tests benchmarks
-	$(PYTHON) -m ruff format --check blipmon tests benchmarks
-	lint-imports
-	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
+	$(VPY) -m ruff check blipmon tests benchmarks
+	$(VPY) -m ruff format --check blipmon tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(VPY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: setup
-	$(PYTHON) benchmarks/overhead.py
+	$(VPY) benchmarks/overhead.py
