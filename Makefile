@@ -15,9 +15,9 @@ $(VPY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "blipmon needs Python 3.11 or newer: make PYTHON=python3.11 ...")'
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): on Debian/Ubuntu install python3-venv (apt install python3-venv)" >&2; exit 1; }
 
+# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.setup-done: pyproject.toml | $(VPY)
 	$(PIP) install --quiet --upgrade pip >/dev/null 2>&1 || true
-	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet "$(TORCH_CPU)"
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
