@@ -9,7 +9,8 @@ trains a real tiny model, and the tests read the profile it wrote.
 - ``tiny_models`` (session): the three tiny models, built once into that cache; every child then
   loads them back through ``from_pretrained`` like a hub checkpoint.
 - ``tiny_facts`` (session): what the tiny models *should* weigh, computed independently in this
-  process (parameter bytes, tensor counts, AdamW's per-tensor step counter).
+  process from the models themselves (parameter bytes and elements, tensor counts, buffers, and the
+  state torch's own AdamW allocates after a real step).
 - ``start_run`` (session): starts ``blipmon run`` in a subprocess into an empty folder of its own;
   returns a ``RunProcess`` to wait on, poll, signal or finish. Leftover processes are ended at the
   end of the session, each by its own id.
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PATIENCE_S, read_events, subprocess_env
+from support import PATIENCE_S, adamw_state_after_one_step, adamw_step_counter_bytes, read_events, subprocess_env
 
 from blipmon.core.run import RunData
 from blipmon.core.run import load_run as _load_run
@@ -59,37 +60,38 @@ def tiny_models(blipmon_cache: Path) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class TinyFacts:
-    params_bytes: int  # sum of numel * element_size over model.parameters() (shared ones once)
-    param_tensors: int
-    adamw_step_bytes: int  # bytes of the ``step`` counter AdamW keeps per parameter tensor
+    """What a tiny model weighs, counted in the test process from the model itself (never from blipmon's code)."""
 
-    @property
-    def adamw_state_bytes(self) -> int:
-        """AdamW after its first step on a full fp32 fine-tune: exp_avg + exp_avg_sq (2x params) + step counters."""
-        return 2 * self.params_bytes + self.param_tensors * self.adamw_step_bytes
+    params_bytes: int  # sum of numel * element_size over model.parameters() (shared ones once), as saved: fp32
+    param_numel: int  # elements of those parameters: ``param_numel * 2`` is the model in bf16
+    param_tensors: int
+    buffers_bytes: int  # registered buffers (position ids, ...): on the device with the parameters
+    adamw_step_bytes: int  # bytes of the ``step`` counter torch's AdamW keeps per parameter tensor
+    adamw_state_bytes: int  # unique storages of torch's AdamW state after one real step on this model
+
+    def bytes_as(self, dtype_size: int) -> int:
+        """The parameters cast to a dtype of ``dtype_size`` bytes (bf16-true casts every one of them)."""
+        return self.param_numel * dtype_size
 
 
 @pytest.fixture(scope="session")
 def tiny_facts(tiny_models: dict[str, Path]) -> dict[str, TinyFacts]:
-    import torch
     from transformers import AutoConfig
 
     from blipmon.runner.models import model_class
-
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = torch.optim.AdamW([p])
-    p.grad = torch.zeros(3)
-    opt.step()
-    step_bytes = opt.state[p]["step"].nbytes
 
     facts = {}
     for name, path in tiny_models.items():
         model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
         params = list(model.parameters())
+        state_bytes = adamw_state_after_one_step(params)
         facts[name] = TinyFacts(
             params_bytes=sum(q.numel() * q.element_size() for q in params),
+            param_numel=sum(q.numel() for q in params),
             param_tensors=len(params),
-            adamw_step_bytes=step_bytes,
+            buffers_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+            adamw_step_bytes=adamw_step_counter_bytes(),
+            adamw_state_bytes=state_bytes,
         )
     return facts
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,52 @@ def read_events(path: Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+# -- independent expected values ------------------------------------------------------------------
+# What a run should record, computed from torch's own objects in the test process: never from blipmon's rules.
+
+
+def unique_storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view or a tied weight once), as torch allocated them."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor in a real optimizer's ``state`` (each storage once)."""
+    import torch
+
+    return unique_storage_bytes(
+        t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+    )
+
+
+def adamw_step_counter_bytes() -> int:
+    """The bytes of the ``step`` counter torch's AdamW keeps per parameter tensor, read after a real step."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.zeros(3)
+    opt.step()
+    return int(opt.state[p]["step"].untyped_storage().nbytes())
+
+
+def adamw_state_after_one_step(params: list[Any]) -> int:
+    """Bytes of ``torch.optim.AdamW``'s state after one real step over ``params`` (their gradients are left None)."""
+    import torch
+
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p in params:
+        p.grad = None
+    return optimizer_state_bytes(opt)
 
 
 # Two configurations that fail in different ways for sweep tests: a model folder that cannot load (error)
