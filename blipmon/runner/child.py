@@ -37,8 +37,13 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
 
-def environment(cuda: bool, weights: str | None = None) -> dict[str, Any]:
-    """An allow-list of facts about the machine: never the environment variables themselves."""
+def environment(cuda: bool, weights: str | None = None, device: int = 0) -> dict[str, Any]:
+    """An allow-list of facts about the machine: never the environment variables themselves.
+
+    The two allocator variables are the exception (``allocator_settings``): they are configuration
+    (``runtime.alloc_conf``), and what the allocator actually ran with decides fragmentation.
+    ``device`` is the process's own GPU (torch index), whose name and size are recorded.
+    """
     import psutil
     import torch
     import transformers
@@ -57,15 +62,36 @@ def environment(cuda: bool, weights: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         "blipmon": blipmon.__version__,
         "cpu_count": os.cpu_count(),
+        "allocator_settings": allocator_settings(),
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(device)
         env["gpu_name"] = props.name
         env["gpu_total_bytes"] = int(props.total_memory)
         env["cuda"] = torch.version.cuda
     else:
         env["gpu_reason"] = "no NVIDIA GPU visible to torch (CPU build or no driver)"
     return env
+
+
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def allocator_settings() -> dict[str, str | None]:
+    """The allocator settings this process runs with: both variables as it saw them, and torch's own view.
+
+    Newer torch reads ``PYTORCH_ALLOC_CONF`` and deprecates ``PYTORCH_CUDA_ALLOC_CONF``; older torch
+    reads only the latter. ``torch`` is the settings string torch parsed (``None`` where this torch
+    cannot say), so a run records what was in effect, not only what was asked for.
+    """
+    import torch
+
+    out: dict[str, str | None] = {name: os.environ.get(name) for name in ALLOC_ENV}
+    try:
+        out["torch"] = str(torch._C._accelerator_getAllocatorSettings())
+    except Exception:  # an older torch, or a build without it
+        out["torch"] = None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
