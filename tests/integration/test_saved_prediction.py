@@ -25,7 +25,8 @@ def test_a_run_saves_its_prediction_and_show_prints_it(
     write_config(run_dir, cfg)
     assert record(cfg, run_dir) == 0
     run = load_run(run_dir)
-    assert run.prediction is not None and run.prediction["verdict"] in ("fits", "oom")
+    # The tiny model on the CPU, judged against this machine's available memory: it can only fit (and did).
+    assert run.prediction is not None and run.prediction["verdict"] == "fits"
     predicted_params = next(p["params"] for p in run.prediction["phases"] if p["phase"] == "before_fwd")
     assert predicted_params == run.phases[0]["params"]  # exact, as the estimator promises
     assert cli_main(["show", str(run_dir)]) == 0

@@ -429,6 +429,7 @@ def test_launcher_shows_the_estimate_of_the_selected_configuration(
             text = screen_text(pilot.app)
             if "FITS" in text or "OUT OF MEMORY" in text or "not available" in text:
                 break
-        assert "estimate: FITS" in text or "estimate: OUT OF MEMORY" in text, text
+        # Batch 2 of the tiny model fits any card (without a GPU the launcher judges against the lab's).
+        assert "estimate: FITS" in text, text
 
     drive(launcher_app, script, size=(120, 40))

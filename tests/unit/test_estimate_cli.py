@@ -30,7 +30,7 @@ def test_json_object_for_a_cpu_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     data = json.loads(out)
     assert set(data) == {"gpu_memory_bytes", "phases", "peak_bytes", "peak_phase", "verdict", "seconds"}
-    assert data["verdict"] in ("fits", "oom")
+    assert data["verdict"] == "fits"  # a few MB of tiny model against this machine's available memory
     assert len(data["phases"]) == 8 and {p["step"] for p in data["phases"]} == {0, 1}
     assert data["gpu_memory_bytes"] > 0  # host memory: a CPU run is judged against it
     assert data["peak_phase"] in {p["phase"] for p in data["phases"]}
