@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import select
 import shutil
 import signal
 import socket
@@ -42,6 +43,17 @@ import psutil
 from blipmon.core.config import SCHEMA
 from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter, write_config
 from blipmon.runner.launch import append_exit, make_run_dir
+from blipmon.runner.nvml import (
+    GpuProcess,
+    Note,
+    Nvml,
+    NvmlDevice,
+    describe,
+    in_own_pid_namespace,
+    normalize_uuid,
+    parse_visible_devices,
+)
+from blipmon.runner.sampler import BUSY_FACTOR, sample_period
 
 EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE = 127, 126
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -50,6 +62,9 @@ _FROM_TERMINAL = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
 # Exit codes by which programs say "I was interrupted" (128 + SIGHUP / SIGINT / SIGTERM).
 _STOP_CODES = {128 + signal.SIGHUP, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 _PR_SET_CHILD_SUBREAPER = 36
+# Longest single wait of the loop (the command's exit ends any wait at once); fallback poll without pidfd.
+_MAX_WAIT_S = 1.0
+_POLL_S = 0.1
 
 
 class UsageError(Exception):
@@ -69,66 +84,71 @@ def _usage_error(message: str) -> Exception:
 
 # -- NVML ------------------------------------------------------------------------------------------
 class GpuDevices:
-    """All NVIDIA devices NVML sees, or none with the reason (no driver, no library, no device)."""
+    """Every device a CUDA process could run on (each GPU, or its MIG devices in MIG mode), or none with the reason.
 
-    def __init__(self) -> None:
-        self.handles: list[Any] = []
-        self.names: list[str] = []
-        self.totals: list[int] = []
+    Each query is guarded on its own (:class:`blipmon.runner.nvml.Nvml`): a refusal costs that figure,
+    with one note through ``note``, never the sample. ``module`` stands in for ``pynvml`` in tests.
+    """
+
+    def __init__(self, module: Any = None, note: Note | None = None) -> None:
+        self.units: list[NvmlDevice] = []
         self.reason: str | None = None
-        self._nvml: Any = None
-        self.per_process_missing = False
+        self._nvml: Nvml | None = None
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                name = pynvml.nvmlDeviceGetName(h)
-                self.handles.append(h)
-                self.names.append(name.decode() if isinstance(name, bytes) else str(name))
-                self.totals.append(int(pynvml.nvmlDeviceGetMemoryInfo(h).total))
-            if not self.handles:
+            self._nvml = Nvml(module, note=note)
+            self.units = self._nvml.devices()
+            if not self.units:
                 self.reason = "NVML reports no NVIDIA device"
         except Exception as e:  # every machine without an NVIDIA driver ends here: one note, not an error
-            self.reason = f"NVML unavailable ({type(e).__name__}: {e})".strip()
-            self.handles = []
+            self.reason = f"NVML unavailable ({describe(e)})"
+            self.units = []
 
     def __bool__(self) -> bool:
-        return bool(self.handles)
+        return bool(self.units)
 
-    def used(self) -> list[int]:
-        return [int(self._nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self.handles]
+    @property
+    def names(self) -> list[str]:
+        return [u.name or "NVIDIA GPU" for u in self.units]
 
-    def process_bytes(self, pids: set[int]) -> dict[int, int]:
-        """GPU bytes per process of ``pids``, summed over devices (compute and graphics contexts)."""
-        nv = self._nvml
-        out: dict[int, int] = {}
-        for h in self.handles:
-            seen: set[int] = set()
-            for getter in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
-                try:
-                    procs = getter(h)
-                except Exception:
-                    continue
-                for p in procs:
-                    if p.pid not in pids or p.pid in seen:
-                        continue
-                    seen.add(p.pid)
-                    used = p.usedGpuMemory
-                    if used is None:  # some drivers (containers, WSL, MIG) do not say
-                        self.per_process_missing = True
-                        continue
-                    out[p.pid] = out.get(p.pid, 0) + int(used)
+    @property
+    def totals(self) -> list[int | None]:
+        return [u.total for u in self.units]
+
+    def used(self) -> list[int | None]:
+        """Used bytes per device; None where NVML refused (noted once per device)."""
+        assert self._nvml is not None
+        out: list[int | None] = []
+        for u in self.units:
+            mem = self._nvml.memory(u)
+            out.append(mem[0] if mem else None)
+        return out
+
+    def processes(self) -> list[list[GpuProcess] | None]:
+        """Processes per device (compute and graphics contexts); None where NVML refused (noted once)."""
+        assert self._nvml is not None
+        return [self._nvml.processes(u, graphics=True) for u in self.units]
+
+    def named_by(self, visible: str | None) -> set[int]:
+        """Indices into :attr:`units` that a ``CUDA_VISIBLE_DEVICES`` value lets a process use (none for ``""``)."""
+        entries = parse_visible_devices(visible)
+        if not entries:
+            return set()
+        out: set[int] = set()
+        for i, u in enumerate(self.units):
+            if any(_names(e, u) for e in entries):
+                out.add(i)
         return out
 
     def close(self) -> None:
         if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
+            self._nvml.shutdown()
+
+
+def _names(entry: int | str, unit: NvmlDevice) -> bool:
+    """Whether one ``CUDA_VISIBLE_DEVICES`` entry (an NVML index or a UUID prefix) names ``unit``."""
+    if isinstance(entry, int):
+        return unit.nvml_index == entry
+    return bool(unit.uuid) and normalize_uuid(unit.uuid).startswith(normalize_uuid(entry))
 
 
 # -- the process tree ------------------------------------------------------------------------------
@@ -179,8 +199,31 @@ def run_name(cmd: list[str]) -> str:
     return f"watch/{safe[:100]}"
 
 
-def environment(gpus: GpuDevices) -> dict[str, Any]:
-    """The fixed environment fields, from outside the command: no torch import, never an environment variable."""
+def gpu_fields(gpus: GpuDevices, indices: Iterable[int]) -> dict[str, Any]:
+    """``gpu_name``/``gpu_total_bytes`` for the devices ``indices``: one card's, or ``N x name`` and their sum.
+
+    ``show`` sets device-used against ``gpu_total_bytes``, so it must be the capacity of exactly the GPUs
+    whose used memory is summed, never one card's capacity under several cards' use.
+    """
+    idx = sorted(indices)
+    if not idx:
+        return {"gpu_name": None, "gpu_total_bytes": None}
+    names = [gpus.names[i] for i in idx]
+    totals = [gpus.totals[i] for i in idx]
+    name = names[0] if len(set(names)) == 1 else " + ".join(names)
+    return {
+        "gpu_name": name if len(idx) == 1 else f"{len(idx)} x {name}" if len(set(names)) == 1 else name,
+        "gpu_total_bytes": sum(t for t in totals if t is not None) if all(t is not None for t in totals) else None,
+    }
+
+
+def environment(gpus: GpuDevices, command_gpus: Iterable[int] = ()) -> dict[str, Any]:
+    """The fixed environment fields, from outside the command: no torch import, no environment variable recorded.
+
+    ``gpu_name``/``gpu_total_bytes`` describe the command's GPUs (``command_gpus``, indices into
+    ``gpus.units``) once they are known; before, the only GPU when there is one, else none (a host with
+    several GPUs: which ones the command uses is not known yet). ``gpus`` lists every device with its capacity.
+    """
     import platform
 
     import blipmon
@@ -191,10 +234,10 @@ def environment(gpus: GpuDevices) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return ""
 
+    chosen = sorted(command_gpus) or ([0] if len(gpus.units) == 1 else [])
     env: dict[str, Any] = {
         "device": "cuda" if gpus else "cpu",
-        "gpu_name": gpus.names[0] if gpus else None,
-        "gpu_total_bytes": gpus.totals[0] if gpus else None,
+        **gpu_fields(gpus, chosen),
         "host_total_bytes": psutil.virtual_memory().total,
         "torch": version("torch"),
         "transformers": version("transformers"),
@@ -204,42 +247,84 @@ def environment(gpus: GpuDevices) -> dict[str, Any]:
         "blipmon": blipmon.__version__,
         "cpu_count": os.cpu_count(),
         "gpus": [
-            {"index": i, "name": n, "total_bytes": t}
-            for i, (n, t) in enumerate(zip(gpus.names, gpus.totals, strict=True))
+            {
+                "index": u.nvml_index,
+                "label": u.label,
+                "name": u.name,
+                "total_bytes": u.total,
+                "uuid": u.uuid,
+                "mig": u.mig,
+            }
+            for u in gpus.units
         ],
     }
-    if not gpus:
+    if gpus:
+        env["command_gpus"] = [gpus.units[i].label for i in chosen]
+    else:
         env["gpu_reason"] = gpus.reason or "no NVIDIA GPU"
     return env
 
 
 class Watch:
-    """Starts the command, samples its tree at ``hz`` until it exits, and writes the profile."""
+    """Starts the command, samples its tree at ``hz`` until it exits, and writes the profile.
 
-    def __init__(self, cmd: list[str], run_dir: Path, hz: float, config: dict[str, Any]) -> None:
+    The command's GPUs are the devices where NVML lists one of its processes (kept for the rest of the
+    run once seen), so ``dev`` sums those only, never other users' GPUs. Inside a container (a PID
+    namespace of its own) NVML lists host PIDs that never match: the command's GPUs are then those
+    ``CUDA_VISIBLE_DEVICES`` names, or every device the container sees, its own GPU memory is unknown,
+    and a note says so. ``gpu_module`` and ``own_pid_namespace`` are seams for tests.
+    """
+
+    def __init__(
+        self,
+        cmd: list[str],
+        run_dir: Path,
+        hz: float,
+        config: dict[str, Any],
+        *,
+        gpu_module: Any = None,
+        own_pid_namespace: bool | None = None,
+    ) -> None:
         self.cmd = cmd
         self.run_dir = run_dir
-        self.period = 1.0 / hz
+        self.hz = hz
+        self.period = sample_period(hz)
         self.config = config
         self.writer = EventWriter(run_dir / EVENTS)
         self.proc: subprocess.Popen[bytes] | None = None
         self.own_group = True
         self.returncode: int | None = None
-        self.gpus = GpuDevices()
+        self._started = False
+        self._early_notes: list[tuple[str, str]] = []
+        self._noted: set[str] = set()
+        self.gpus = GpuDevices(gpu_module, note=self._note_once)
         self._me = psutil.Process()
         self._known: set[tuple[int, float]] = set()
         self._pending_notes: list[str] = []  # filled by signal handlers, written by the loop (no lock re-entry)
-        self._noted: set[str] = set()
         self.peak_rss = 0
-        self.peak_gpu: int | None = None
+        self.peak_gpu: int | None = None  # the tree's own GPU memory (None: never known)
+        self.peak_dev: int | None = None  # used memory of the command's GPUs
         self.max_procs = 0
         self._write_failure_told = False
+        self._pidfd: int | None = None
+        self.own_ns = in_own_pid_namespace() if own_pid_namespace is None else own_pid_namespace
+        # Indices into gpus.units: where NVML listed the command's processes (host), or what it may use (container).
+        self.command_gpus: set[int] = set()
+        if self.gpus and self.own_ns:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # what the command inherits
+            self.command_gpus = set(range(len(self.gpus.units))) if visible is None else self.gpus.named_by(visible)
+        self._told_gpus: set[int] = set(self.command_gpus)
+        self._own_unknown = False  # some tick could not tell the tree's own GPU memory
 
     # -- events ---------------------------------------------------------------------------------
     def _note_once(self, key: str, message: str) -> None:
-        if key not in self._noted:
-            self._noted.add(key)
+        if key in self._noted:
+            return
+        self._noted.add(key)
+        if self._started:
             self.writer.write("note", message=message)
+        else:  # before the header: kept until the profile has one
+            self._early_notes.append((key, message))
 
     def _start_record(self) -> None:
         import blipmon
@@ -256,10 +341,27 @@ class Watch:
             blipmon=blipmon.__version__,
         )
         emit("config", config=self.config)
-        emit("environment", **environment(self.gpus))
+        emit("environment", **environment(self.gpus, self.command_gpus))
         emit("watch", command=self.cmd, sample_hz=1.0 / self.period)
+        self._started = True
+        for _key, message in self._early_notes:
+            emit("note", message=message)
         if not self.gpus:
             emit("note", message=f"{self.gpus.reason or 'no NVIDIA GPU'}: no GPU memory is recorded, host RSS only")
+        elif self.own_ns:
+            labels = ", ".join(self.gpus.units[i].label for i in sorted(self.command_gpus))
+            which = (
+                f"device used sums the GPUs it can use ({labels}; other processes on them included)"
+                if labels
+                else "CUDA_VISIBLE_DEVICES leaves it no GPU, so no device used is recorded"
+            )
+            emit(
+                "note",
+                message="blipmon runs in a PID namespace of its own (a container), where NVML lists host PIDs: "
+                f"the command's processes cannot be matched to a GPU, so {which}, and its own GPU memory is unknown",
+            )
+        if not self.hz > 0 or self.period > 1.0 / self.hz:  # inf, 1e9: capped, said once
+            emit("note", message=f"sampling capped at {1.0 / self.period:g} per second (asked for {self.hz:g})")
 
     # -- signals --------------------------------------------------------------------------------
     def _forward(self, signum: int, _frame: FrameType | None) -> None:
@@ -310,6 +412,7 @@ class Watch:
 
         Two records rather than one nested one: ``sample`` lines stay plain numbers, which is what
         lets a reader load a million of them in a second; the per-process detail rides alongside.
+        A figure NVML could not give is absent (unknown), never 0.
         """
         procs: dict[str, int] = {}
         total = 0
@@ -323,20 +426,54 @@ class Watch:
         flat: dict[str, Any] = {"rss": total, "nproc": len(procs)}
         tree: dict[str, Any] = {"rss": procs}
         if self.gpus:
-            used = self.gpus.used()
-            per_proc = self.gpus.process_bytes({int(pid) for pid in procs})
-            flat["dev"] = sum(used)
-            flat["proc_gpu"] = sum(per_proc.values())
-            tree["devs"] = used
-            tree["gpu"] = {str(pid): b for pid, b in per_proc.items()}
-            self.peak_gpu = max(self.peak_gpu or 0, flat["proc_gpu"])
-            if self.gpus.per_process_missing:
-                self._note_once(
-                    "nvml-procs", "this driver does not report per-process GPU memory (containers, WSL, MIG)"
-                )
+            self._sample_gpus({int(pid) for pid in procs}, flat, tree)
         self.peak_rss = max(self.peak_rss, total)
         self.max_procs = max(self.max_procs, len(procs))
         return flat, tree
+
+    def _sample_gpus(self, pids: set[int], flat: dict[str, Any], tree: dict[str, Any]) -> None:
+        used = self.gpus.used()
+        lists = self.gpus.processes()
+        per_pid: dict[int, int] = {}
+        own_known = not self.own_ns  # in a container NVML's PIDs are host PIDs: never ours
+        for i, plist in enumerate(lists):
+            if plist is None:  # refused (noted once by the guard): membership and memory unknown there
+                own_known = False
+                continue
+            mine = [p for p in plist if p.pid in pids]
+            if mine:
+                self.command_gpus.add(i)
+            for p in mine:
+                if p.used is None:
+                    own_known = False
+                    self._note_once(
+                        "nvml-withheld",
+                        f"NVML lists the command's processes on {self.gpus.units[i].label} but withholds their "
+                        "memory (usedGpuMemory not available: MIG, WSL or some containers); their GPU memory is unknown",
+                    )
+                else:
+                    per_pid[p.pid] = per_pid.get(p.pid, 0) + p.used
+        tree["devs"] = used
+        if per_pid:
+            tree["gpu"] = {str(pid): b for pid, b in per_pid.items()}
+        if own_known:
+            flat["proc_gpu"] = sum(per_pid.values())
+            self.peak_gpu = max(self.peak_gpu or 0, flat["proc_gpu"])
+        else:
+            self._own_unknown = True
+        mine_gpus = sorted(self.command_gpus)
+        if mine_gpus:
+            tree["gpus"] = {
+                self.gpus.units[i].label: {"used": used[i], "total": self.gpus.units[i].total} for i in mine_gpus
+            }
+            figures = [used[i] for i in mine_gpus]
+            if all(u is not None for u in figures):
+                flat["dev"] = sum(u for u in figures if u is not None)
+                self.peak_dev = max(self.peak_dev or 0, flat["dev"])
+        if self.command_gpus - self._told_gpus:
+            # The command reached another GPU: the environment names the GPUs device-used is measured on.
+            self._told_gpus = set(self.command_gpus)
+            self.writer.write("environment", **environment(self.gpus, self.command_gpus))
 
     def _reap(self) -> int | None:
         """Collect every exited child (adopted orphans too); the command's own status when it is among them."""
@@ -351,6 +488,23 @@ class Watch:
             if pid == self.proc.pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
                 self.proc.returncode = self.returncode
+
+    def _wait_for_command(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s, returning as soon as the command exits.
+
+        The wait is on the command (a pidfd), never a plain sleep of one sample period: with
+        ``--sample-hz 1e-9`` that sleep would outlive the command by 30 years, deaf to signals (Python
+        resumes an interrupted sleep). Each wait is also cut to :data:`_MAX_WAIT_S` so notes from signal
+        handlers are written while the command runs.
+        """
+        timeout = max(0.0, min(timeout, _MAX_WAIT_S))
+        if self._pidfd is not None:
+            try:
+                select.select([self._pidfd], [], [], timeout)
+                return
+            except (OSError, ValueError):
+                self._pidfd = None
+        time.sleep(min(timeout, _POLL_S))
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -369,15 +523,20 @@ class Watch:
                 append_exit(self.run_dir, code)
                 print(f"blipmon: cannot start {self.cmd[0]}: {e.strerror or e}", file=sys.stderr)
                 return code
+            self._pidfd = _open_pidfd(self.proc.pid)
             print(f"blipmon: watching pid {self.proc.pid}, recording into {self.run_dir}", file=sys.stderr)
             self._loop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
             self.gpus.close()
         assert self.returncode is not None
         for note in self._pending_notes:
             self.writer.write("note", message=note)
+        self._final_notes()
         self.writer.write("end", status=_status(self.returncode), code=_exit_code(self.returncode))
         self.writer.close()
         append_exit(self.run_dir, self.returncode)
@@ -387,6 +546,11 @@ class Watch:
     def _loop(self) -> None:
         next_tick = time.monotonic()
         while self._reap() is None:
+            now = time.monotonic()
+            if now < next_tick:
+                self._wait_for_command(next_tick - now)
+                self._flush_signal_notes()
+                continue
             try:
                 flat, tree = self.sample()
                 t = self.writer.now()
@@ -394,8 +558,7 @@ class Watch:
                 self.writer.write("tree", t=t, **tree)
             except Exception as e:  # a sample must never be what stops the recording
                 self._note_once(type(e).__name__, f"sampler: {type(e).__name__}: {e}")
-            while self._pending_notes:
-                self.writer.write("note", message=self._pending_notes.pop(0))
+            self._flush_signal_notes()
             if self.writer.failed is not None and not self._write_failure_told:
                 self._write_failure_told = True
                 print(
@@ -403,12 +566,25 @@ class Watch:
                     "what was recorded so far is kept",
                     file=sys.stderr,
                 )
-            next_tick += self.period
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            else:  # fell behind (a slow /proc scan): skip ahead rather than burst
-                next_tick = time.monotonic()
+            # The next tick: one period on, but never sooner than BUSY_FACTOR x what this sample cost,
+            # and never a burst to catch up after falling behind.
+            done = time.monotonic()
+            next_tick = max(next_tick + self.period, done + BUSY_FACTOR * (done - now))
+
+    def _flush_signal_notes(self) -> None:
+        while self._pending_notes:
+            self.writer.write("note", message=self._pending_notes.pop(0))
+
+    def _final_notes(self) -> None:
+        """Say, once, why a GPU figure is missing from a run on a machine with GPUs."""
+        if not self.gpus or self.own_ns:  # the container case was said at the start
+            return
+        if not self.command_gpus and self._own_unknown:
+            self._note_once(
+                "nvml-unmatched",
+                "the command's processes were not found in NVML's process lists (a refused query, see the notes "
+                "above): its GPUs and its GPU memory are unknown",
+            )
 
     def _report(self) -> None:
         from blipmon.core.units import fmt_bytes
@@ -419,12 +595,33 @@ class Watch:
             if self.returncode < 0
             else f"exited with code {self.returncode}"
         )
-        gpu = f", peak GPU {fmt_bytes(self.peak_gpu)}" if self.peak_gpu is not None else ""
+        gpu = ""
+        if self.gpus:
+            if self.peak_gpu is not None and not self._own_unknown:
+                gpu = f", peak GPU {fmt_bytes(self.peak_gpu)}"
+            else:
+                gpu = ", GPU memory of its processes unknown (see the run's notes)"
+            if self.command_gpus and self.peak_dev is not None:
+                units = [self.gpus.units[i] for i in sorted(self.command_gpus)]
+                cap = gpu_fields(self.gpus, sorted(self.command_gpus))["gpu_total_bytes"]
+                gpu += (
+                    f"; device used peaked at {fmt_bytes(self.peak_dev)}"
+                    + (f" of {fmt_bytes(cap)}" if cap else "")
+                    + f" on {', '.join(u.label for u in units)}"
+                )
         print(
             f"blipmon: the command {how}; peak host RSS {fmt_bytes(self.peak_rss)} "
             f"(up to {self.max_procs} process{'es' if self.max_procs != 1 else ''}){gpu}; see `blipmon show {self.run_dir}`",
             file=sys.stderr,
         )
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when ``pid`` exits (Linux 5.3+), or None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _command(raw: Iterable[str]) -> list[str]:
@@ -453,10 +650,12 @@ def main(args: argparse.Namespace) -> int:
     if not hz > 0:
         raise _usage_error(f"--sample-hz {hz_arg}: expected a number > 0")
     name = run_name(cmd)
+    # The rate actually used: an infinite or huge one is capped (config.json must stay finite JSON).
+    period = sample_period(hz)
     config = {
         "name": name,
         "description": "blipmon watch: " + " ".join(cmd)[:300],
-        "runtime": {"sample_hz": hz},
+        "runtime": {"sample_hz": hz if period == 1.0 / hz else 1.0 / period},
     }
     out = getattr(args, "out", None)
     try:
@@ -468,4 +667,4 @@ def main(args: argparse.Namespace) -> int:
     return Watch(cmd, run_dir, hz, config).run()
 
 
-__all__ = ["GpuDevices", "Watch", "environment", "main", "run_name"]
+__all__ = ["GpuDevices", "Watch", "environment", "gpu_fields", "main", "run_name"]

@@ -213,25 +213,27 @@ class Nvml:
     def processes(self, dev: NvmlDevice, *, graphics: bool = False) -> list[GpuProcess] | None:
         """Processes with a context on the device (compute, and graphics if asked), or None when NVML refuses.
 
-        A process listed by both queries is counted once. ``used`` is None where the driver withholds it.
+        The compute list decides: if NVML refuses it the answer is None (unknown). A refused graphics list is
+        noted and left out (CUDA work is compute; a graphics-only process is rare in a training job). A
+        process listed by both queries is counted once. ``used`` is None where the driver withholds it.
         """
-        getters = ["nvmlDeviceGetComputeRunningProcesses"]
+        ok, compute = self._call("nvmlDeviceGetComputeRunningProcesses", dev.handle, what=dev.label)
+        if not ok:
+            return None
+        lists = [compute or []]
         if graphics:
-            getters.append("nvmlDeviceGetGraphicsRunningProcesses")
+            ok, gfx = self._call("nvmlDeviceGetGraphicsRunningProcesses", dev.handle, what=dev.label)
+            if ok:
+                lists.append(gfx or [])
         out: dict[int, GpuProcess] = {}
-        answered = False
-        for fn in getters:
-            ok, procs = self._call(fn, dev.handle, what=dev.label)
-            if not ok:
-                continue
-            answered = True
-            for p in procs or []:
+        for procs in lists:
+            for p in procs:
                 pid = getattr(p, "pid", None)
                 if not isinstance(pid, int) or pid in out:
                     continue
                 used = getattr(p, "usedGpuMemory", None)
                 out[pid] = GpuProcess(pid, int(used) if isinstance(used, int) else None)
-        return list(out.values()) if answered else None
+        return list(out.values())
 
     def shutdown(self) -> None:
         try:

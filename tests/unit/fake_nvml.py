@@ -14,6 +14,7 @@ Build one with ``make(gpus)``; it is a real module object, so it can stand in ``
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,7 @@ class FakeGpu:
     used: int
     name: str = "NVIDIA H100 80GB HBM3"
     pci: str = ""
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[Proc] | Callable[[], list[Proc]] = field(default_factory=list)  # a callable: listed live
     graphics: list[Proc] = field(default_factory=list)
     migs: list[FakeGpu] = field(default_factory=list)
     parent: FakeGpu | None = None
@@ -142,11 +143,11 @@ def make(gpus: list[FakeGpu], *, init_error: int | None = None) -> types.ModuleT
             raise NVMLError(NVML_ERROR_NO_PERMISSION)  # a MIG parent, seen from an unprivileged process
         return Memory(g.total, g.used)
 
-    def _procs(fn: str, g: FakeGpu, which: list[Proc]) -> list[Proc]:
+    def _procs(fn: str, g: FakeGpu, which: list[Proc] | Callable[[], list[Proc]]) -> list[Proc]:
         check(fn, g)
         if g.mig_mode:
             raise NVMLError(NVML_ERROR_NO_PERMISSION)
-        return [Proc(p.pid, p.usedGpuMemory) for p in which]
+        return [Proc(p.pid, p.usedGpuMemory) for p in (which() if callable(which) else which)]
 
     def nvmlDeviceGetComputeRunningProcesses(g: FakeGpu) -> list[Proc]:
         return _procs("nvmlDeviceGetComputeRunningProcesses", g, g.procs)
