@@ -233,7 +233,11 @@ class Sampler(threading.Thread):
     # -- the thread -------------------------------------------------------------------------------
     def run(self) -> None:
         if self.cuda:
-            self.start_nvml()
+            try:
+                self.start_nvml()
+            except Exception as e:  # finding the device must not cost the host RSS and allocator timeline
+                self.nvml = None
+                self._note_once("nvml", f"NVML unavailable ({describe(e)})")
         while not self._stop_event.is_set():
             started = time.monotonic()
             try:
