@@ -14,6 +14,15 @@ from typing import Any
 
 EXIT_USAGE = 2
 
+# replay --speed: a hundredth of real time (a 1 s step lasts 100 s) to 10,000x (a 28-hour run in 10 s); beyond,
+# a replay is either frozen or over before its first frame. The dashboard's own keys step through 0.25x-128x.
+MIN_SPEED = 0.01
+MAX_SPEED = 10_000.0
+
+# Options whose value may start with "-": argparse takes "-1GiB" or "-inf" for an option and answers "expected
+# one argument"; joined as "--gpu-memory=-1GiB" the value reaches our own check, which says what is wrong with it.
+_VALUE_OPTIONS = ("--gpu-memory", "--host-memory", "--speed", "--sample-hz")
+
 
 class UsageError(Exception):
     """Bad input from the user: printed as one clear line, exit 2, never a traceback."""
@@ -52,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("replay", help="dashboard replaying a saved run, or a finished sweep's queue")
     s.add_argument("run", type=Path, metavar="RUN", help="a run directory or a sweep folder (with sweep.json)")
-    s.add_argument("--speed", type=float, default=1.0, metavar="X")
+    s.add_argument(
+        "--speed", type=float, default=1.0, metavar="X", help=f"{MIN_SPEED:g} to {MAX_SPEED:g} (1 = real time)"
+    )
 
     s = sub.add_parser("attach", help="dashboard following a run or a sweep that is still being written")
     s.add_argument("run", type=Path, metavar="RUN", help="a run directory or a sweep folder (with sweep.json)")
@@ -60,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("estimate", help="predict a configuration's per-phase memory before running it")
     s.add_argument("config", metavar="CONFIG", help="preset name, a TOML file, or a saved run (its configuration)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
-    s.add_argument("--gpu-memory", default=None, metavar="SIZE")
+    s.add_argument("--gpu-memory", default=None, metavar="SIZE", help="the GPU's memory, with a unit: 80GiB, 24GB")
+    s.add_argument(
+        "--host-memory", default=None, metavar="SIZE", help="the machine's RAM, with a unit (CPU runs, offload)"
+    )
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("sweep", help="run several configurations one after another")
@@ -80,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("watch", help="record any command's process tree (no instrumentation)")
     s.add_argument("--out", type=Path, default=None, metavar="DIR")
-    s.add_argument("--sample-hz", type=float, default=None, metavar="HZ")
+    s.add_argument("--sample-hz", type=float, default=None, metavar="HZ", help="samples per second, 0.1 to 100")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     return p
 
@@ -89,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from blipmon.core.config import ConfigError
     from blipmon.core.profile import ProfileError
 
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
     handler = _HANDLERS.get(args.command or "dashboard")
     try:
         return handler(args)
@@ -101,6 +115,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """``--gpu-memory -1GiB`` -> ``--gpu-memory=-1GiB`` (and the other ``_VALUE_OPTIONS``), up to a ``--``.
+
+    Only a value that starts with a single "-" is joined: ``--gpu-memory --json`` still says the size is missing,
+    and nothing after ``--`` (``watch``'s command) is touched.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a in _VALUE_OPTIONS and nxt is not None and nxt.startswith("-") and not nxt.startswith("--") and nxt != "-":
+            out.append(f"{a}={nxt}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -261,8 +297,10 @@ def _is_sweep_dir(path: Path) -> bool:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    if not args.speed > 0:
-        raise UsageError(f"--speed {args.speed}: expected a number > 0")
+    if not MIN_SPEED <= args.speed <= MAX_SPEED:  # NaN fails both comparisons
+        raise UsageError(
+            f"--speed {args.speed:g}: expected a number from {MIN_SPEED:g} to {MAX_SPEED:g} (1 = real time)"
+        )
     if _is_sweep_dir(args.run):
         from blipmon.ui.app import run_sweep_replay
 
@@ -280,6 +318,17 @@ def _cmd_attach(args: argparse.Namespace) -> int:
     from blipmon.ui.app import run_attach
 
     return run_attach(args.run)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    """``watch``: its ``--sample-hz`` is held to ``runtime.sample_hz``'s range, then the recorder takes over."""
+    if args.sample_hz is not None:
+        from blipmon.core.config import SCHEMA, check_number
+
+        msg = check_number("--sample-hz", args.sample_hz, SCHEMA["runtime.sample_hz"])
+        if msg:
+            raise UsageError(msg.replace(" = ", " ", 1))
+    return int(_lazy("blipmon.commands.watch", "main")(args))
 
 
 def _lazy(module: str, name: str) -> Any:
@@ -310,5 +359,5 @@ _HANDLERS = {
     "models": _lazy("blipmon.commands.models", "main"),
     "estimate": _lazy("blipmon.commands.estimate", "main"),
     "sweep": _lazy("blipmon.commands.sweep", "main"),
-    "watch": _lazy("blipmon.commands.watch", "main"),
+    "watch": _cmd_watch,
 }

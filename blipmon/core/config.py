@@ -34,23 +34,45 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Field:
-    """One allowed key: its type(s), default and constraint, used for messages as well as checks."""
+    """One allowed key: its type(s), default and constraint, used for messages as well as checks.
+
+    Every number has both bounds: an absurd value (``batch_size = 10**12``, ``sample_hz = 1e-300``) is refused
+    here in a second, instead of costing minutes and gigabytes before failing somewhere deep in the run. ``why``
+    says where a bound comes from; the refusal shows it and docs/configuration.md repeats it.
+    """
 
     types: tuple[type, ...]
     default: Any
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     exclusive_minimum: bool = False
+    maximum: float | None = None
+    exclusive_maximum: bool = False
     help: str = ""
+    why: str = ""
+    allowed_text: str | None = None  # what is allowed, when the bounds alone do not say it (max_steps' -1)
+    excluded: tuple[float, ...] = ()  # values inside the bounds that mean nothing (max_steps = 0)
 
     def allowed(self) -> str:
+        if self.allowed_text is not None:
+            return self.allowed_text
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        names = " or ".join(_type_name(t) for t in self.types)
+        names = "a number" if float in self.types else " or ".join(_type_name(t) for t in self.types)
+        parts = []
         if self.minimum is not None:
-            op = ">" if self.exclusive_minimum else ">="
-            return f"{names} {op} {_fmt_num(self.minimum)}"
-        return names
+            parts.append(f"{'>' if self.exclusive_minimum else '>='} {_fmt_num(self.minimum)}")
+        if self.maximum is not None:
+            parts.append(f"{'<' if self.exclusive_maximum else '<='} {_fmt_num(self.maximum)}")
+        return f"{names} {' and '.join(parts)}" if parts else names
+
+    def out_of_range(self, value: float) -> bool:
+        """True when ``value`` (a finite number) lies outside the bounds."""
+        if value in self.excluded:
+            return True
+        if self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum):
+            return True
+        return self.maximum is not None and (value >= self.maximum if self.exclusive_maximum else value > self.maximum)
 
 
 def _type_name(t: type) -> str:
@@ -60,8 +82,32 @@ def _type_name(t: type) -> str:
 
 
 def _fmt_num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else str(x)
 
+
+# Upper bounds. Each is far above any real use and far below what breaks something; the reason is in ``why``.
+MAX_BATCH = 65_536  # per device: 65,536 224x224 fp32 images are 37 GiB of input alone, before any activation
+MAX_ACCUMULATE = 65_536  # micro-batches per optimizer step; more only folds whole epochs into one step
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000  # optimizer steps: weeks of training at 10 steps/s
+MAX_SAMPLES = 100_000_000  # under DDP every rank's DistributedSampler lists all indices: ~4 GB of host RAM at 1e8
+MAX_WORKERS = 256  # DataLoader worker processes: the core count of the largest two-socket servers
+MAX_LR = 10.0  # no optimizer here trains with a larger step; SGD recipes stay below 1
+MIN_LR = 1e-10  # Adam moves a weight by about lr per step: below ~1e-10 an fp32 weight of 0.01 cannot change
+MAX_LORA_R = 4096  # a rank above the adapted layer's width adds nothing; the widest hidden size shipped is 4096
+MAX_LORA_ALPHA = 65_536.0  # alpha / r scales the adapter's output; 65,536 / 16 = 4096x is already absurd
+MAX_TOKENS = 8192  # text positions per sample; OPT's positions stop at 2048, the lab's captions take 50
+MAX_DEVICES = 64  # ranks per machine: the biggest GPU servers hold 16; CPU (gloo) ranks are processes
+MAX_NODES = 1024  # machines; 64 x 1024 = 65,536 ranks
+MAX_SEED = 2**32 - 1  # the range every seeding API accepts (numpy, Lightning's seed_everything)
+GPU_INDEX_MAX = MAX_DEVICES - 1  # the largest GPU index a device_map may name
+# The timeline's rate. At most 100 Hz: peaks come from the allocator per phase, not from the timeline, so a faster
+# timeline finds nothing new, while each sample takes the training process's Python time (12 us measured on a CPU,
+# more with NVML's queries on a GPU; at 1e9 Hz the job ran at half speed) and a line of events.jsonl (the 1,000,000
+# samples the dashboard opens in a second are 2.8 hours at 100 Hz). At least 0.1 Hz: a sample every 10 s is six
+# points a minute already, and a slower rate left `watch` sleeping for days after its command had ended.
+MIN_SAMPLE_HZ = 0.1
+MAX_SAMPLE_HZ = 100.0
 
 # The schema: dotted key -> Field. Order here is the order shown in the dashboard and docs.
 SCHEMA: dict[str, Field] = {
@@ -74,29 +120,60 @@ SCHEMA: dict[str, Field] = {
     "model.device_map": Field((str, dict), "auto", help="cuda | cpu | auto | cpu-first | {module = device}"),
     "model.trust_remote_code": Field((bool,), False),
     "job.kind": Field((str,), "train", JOB_KINDS),
-    "train.batch_size": Field((int,), 8, minimum=1),
-    "train.accumulate_grad_batches": Field((int,), 1, minimum=1),
+    "train.batch_size": Field(
+        (int,), 8, minimum=1, maximum=MAX_BATCH, why="per device; 65536 images of 224x224 are 37 GiB of input alone"
+    ),
+    "train.accumulate_grad_batches": Field((int,), 1, minimum=1, maximum=MAX_ACCUMULATE),
     "train.precision": Field((str,), "32-true", PRECISIONS),
     "train.optim": Field((str,), "adamw", OPTIMIZERS),
-    "train.lr": Field((float, int), 5e-6, minimum=0, exclusive_minimum=True),
+    "train.lr": Field(
+        (float, int), 5e-6, minimum=MIN_LR, maximum=MAX_LR, why="no optimizer here trains with a larger step"
+    ),
     "train.act_ckpt": Field((bool,), False),
-    "train.max_epochs": Field((int,), 2, minimum=1),
-    "train.max_steps": Field((int,), -1, minimum=-1),
-    "train.num_train_samples": Field((int,), 512, minimum=1),
-    "train.num_workers": Field((int,), 0, minimum=0),
+    "train.max_epochs": Field((int,), 2, minimum=1, maximum=MAX_EPOCHS),
+    "train.max_steps": Field(
+        (int,),
+        -1,
+        minimum=-1,
+        maximum=MAX_STEPS,
+        excluded=(0,),
+        allowed_text=f"-1 (no limit) or a positive number of optimizer steps (an integer >= -1 and <= {MAX_STEPS}, not 0)",
+    ),
+    "train.num_train_samples": Field(
+        (int,),
+        512,
+        minimum=1,
+        maximum=MAX_SAMPLES,
+        why="under DDP each rank lists every index of the data set in host RAM",
+    ),
+    "train.num_workers": Field((int,), 0, minimum=0, maximum=MAX_WORKERS, why="each worker is a process"),
     "train.strategy": Field((str,), "auto", STRATEGIES),
-    "train.devices": Field((int,), 1, minimum=1),
-    "train.num_nodes": Field((int,), 1, minimum=1, help="machines; each runs `blipmon run` with NODE_RANK set"),
+    "train.devices": Field((int,), 1, minimum=1, maximum=MAX_DEVICES, help="ranks (GPUs or CPU processes) per machine"),
+    "train.num_nodes": Field(
+        (int,),
+        1,
+        minimum=1,
+        maximum=MAX_NODES,
+        help="machines; each runs `blipmon run` with NODE_RANK set",
+    ),
     "train.lora.enabled": Field((bool,), False),
-    "train.lora.r": Field((int,), 16, minimum=1),
-    "train.lora.alpha": Field((int, float), 32, minimum=0, exclusive_minimum=True),
-    "train.lora.dropout": Field((float, int), 0.05, minimum=0),
+    "train.lora.r": Field(
+        (int,), 16, minimum=1, maximum=MAX_LORA_R, why="a rank above the adapted layer's width adds nothing"
+    ),
+    "train.lora.alpha": Field((int, float), 32, minimum=0, exclusive_minimum=True, maximum=MAX_LORA_ALPHA),
+    "train.lora.dropout": Field(
+        (float, int), 0.05, minimum=0, maximum=1, exclusive_maximum=True, allowed_text="a number in [0, 1)"
+    ),
     "train.lora.target_modules": Field((list,), [], help="module names; empty = per-architecture default"),
     "train.qlora": Field((bool,), False),
     "data.source": Field((str,), "synthetic"),
-    "data.max_length": Field((int,), 50, minimum=1),
+    "data.max_length": Field((int,), 50, minimum=1, maximum=MAX_TOKENS, why="text positions per sample"),
     "data.caption_tokens": Field(
-        (int,), 0, minimum=0, help="synthetic caption length; 0 = every caption fills max_length (the worst case)"
+        (int,),
+        0,
+        minimum=0,
+        maximum=MAX_TOKENS,
+        help="synthetic caption length; 0 = every caption fills max_length (the worst case)",
     ),
     "data.image_placeholders": Field(
         (bool,),
@@ -105,10 +182,16 @@ SCHEMA: dict[str, Field] = {
         "as the seed lab tokenizes it (the language model then sees only the caption)",
     ),
     "runtime.alloc_conf": Field((str,), ""),
-    "runtime.sample_hz": Field((float, int), 10.0, minimum=0, exclusive_minimum=True),
+    "runtime.sample_hz": Field(
+        (float, int),
+        10.0,
+        minimum=MIN_SAMPLE_HZ,
+        maximum=MAX_SAMPLE_HZ,
+        why="peaks come from the allocator, not the timeline; faster sampling only slows the job",
+    ),
     "runtime.probes": Field((bool,), True, help="per-phase attribution; off only to measure its cost"),
     "runtime.predict": Field((bool,), True, help="save the memory estimate when the run starts"),
-    "runtime.seed": Field((int,), 0, minimum=0),
+    "runtime.seed": Field((int,), 0, minimum=0, maximum=MAX_SEED),
 }
 
 # Tables that exist as prefixes of dotted keys (for "unknown key" detection).
@@ -206,30 +289,64 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _check_value(key: str, f: Field, value: Any) -> str | None:
     ok_type = isinstance(value, f.types) and not (isinstance(value, bool) and bool not in f.types)
     if not ok_type:
-        return f"{key} = {value!r}: expected {f.allowed()}"
+        return f"{key} = {_show(value)}: expected {f.allowed()}"
     if f.choices is not None and value not in f.choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in f.choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{key} = {value!r}: expected {f.allowed()}{hint}"
-    if f.minimum is not None and isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"{key} = {value!r}: expected a finite number"
-        bad = value <= f.minimum if f.exclusive_minimum else value < f.minimum
-        if bad:
-            return f"{key} = {value!r}: expected {f.allowed()}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        msg = check_number(key, value, f)
+        if msg:
+            return msg
     if key == "model.device_map":
         return _check_device_map(value)
     if key == "train.lora.target_modules" and not all(isinstance(x, str) and x for x in value):
         return f"{key} = {value!r}: expected a list of module names"
     if key == "name" and not _NAME_RE.fullmatch(value):
         return f"name = {value!r}: expected letters, digits and - _ . / (no '..', not starting with '/')"
-    if key == "train.max_steps" and value == 0:
-        return "train.max_steps = 0: expected -1 (no limit) or a positive number of optimizer steps"
     return None
 
 
+def check_number(label: str, value: float, f: Field) -> str | None:
+    """Why ``value`` is not allowed for ``f`` (``None`` if it is): NaN and infinities, then the bounds.
+
+    ``label`` names it in the message: a dotted key, or a command-line flag (``--sample-hz``) checked against
+    the key it stands for, so both say the same thing.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{label} = {_show(value)}: expected a finite number, {f.allowed()}"
+    if f.out_of_range(value):
+        why = f" ({f.why})" if f.why and f.maximum is not None and value > f.maximum else ""
+        return f"{label} = {_show(value)}: expected {f.allowed()}{why}"
+    return None
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, shortened: a 10,000-digit integer is not repeated whole."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's 4300-digit conversion limit
+        return f"an integer of {value.bit_length()} bits"
+    if len(text) <= 40:
+        return text
+    return f"{text[:20]}...{text[-10:]} ({len(value) if isinstance(value, str) else len(text)} characters)"
+
+
 _NAME_RE = re.compile(r"(?!/)(?!.*\.\.)[A-Za-z0-9_.\-/ ]{1,120}")
-_DEVICE_RE = re.compile(r"(cpu|disk|cuda(:\d+)?|\d+)")
+_DEVICE_RE = re.compile(r"cpu|disk|(?:cuda:)?(\d+)|cuda")
+
+# Why a device_map may not name "disk": accelerate offloads such modules to files through an offload folder that
+# blipmon never creates, and a model built on the meta device (random weights, the estimator) has no values to
+# write, so the load dies with "Cannot copy out of meta tensor" after minutes. Refused before anything loads.
+DISK_OFFLOAD_REFUSED = (
+    "disk offload is not supported: the load would fail (accelerate needs weights to write to an offload folder, "
+    "and a random-weight model has none); put it on 'cpu' to keep it in host RAM"
+)
+
+
+def _device_map_key(mod: str) -> str:
+    """``model.device_map.vision_model``; the whole-model key ``""`` (and any odd name) in brackets."""
+    return f"model.device_map.{mod}" if re.fullmatch(r"[A-Za-z0-9_.\-]+", mod) else f"model.device_map[{mod!r}]"
 
 
 def _check_device_map(value: Any) -> str | None:
@@ -240,8 +357,15 @@ def _check_device_map(value: Any) -> str | None:
     if not value:
         return "model.device_map = {}: expected at least one module"
     for mod, dev in value.items():
-        if isinstance(dev, bool) or not (isinstance(dev, int) or (isinstance(dev, str) and _DEVICE_RE.fullmatch(dev))):
-            return f"model.device_map.{mod} = {dev!r}: expected a GPU index (0), 'cuda:N', 'cpu' or 'disk'"
+        key = _device_map_key(str(mod))
+        if dev == "disk":
+            return f"{key} = 'disk': {DISK_OFFLOAD_REFUSED}"
+        m = _DEVICE_RE.fullmatch(dev) if isinstance(dev, str) else None
+        if isinstance(dev, bool) or not (isinstance(dev, int) or m):
+            return f"{key} = {_show(dev)}: expected a GPU index (0), 'cuda:N' or 'cpu'"
+        index = dev if isinstance(dev, int) else int(m.group(1)) if m and m.group(1) else 0
+        if not 0 <= index <= GPU_INDEX_MAX:
+            return f"{key} = {_show(dev)}: expected a GPU index in [0, {GPU_INDEX_MAX}]"
     return None
 
 
@@ -260,8 +384,6 @@ def _check_combinations(cfg: Mapping[str, Any]) -> Iterable[str]:
         yield "train.optim = 'deepspeed_cpu' needs train.strategy = 'deepspeed_stage_2_offload'"
     if t["strategy"] == "deepspeed_stage_2_offload" and t["optim"] not in ("deepspeed_cpu", "adamw"):
         yield f"train.strategy = 'deepspeed_stage_2_offload' with train.optim = {t['optim']!r}: use 'deepspeed_cpu'"
-    if t["lora"]["dropout"] >= 1:
-        yield f"train.lora.dropout = {t['lora']['dropout']!r}: expected a number in [0, 1)"
     if cfg["job"]["kind"] == "train" and m["quantization"] != "none" and not (t["lora"]["enabled"] or t["qlora"]):
         yield (
             f"model.quantization = {m['quantization']!r} with a full fine-tune: quantized weights cannot be trained; "
@@ -271,6 +393,35 @@ def _check_combinations(cfg: Mapping[str, Any]) -> Iterable[str]:
         yield f"train.devices = {t['devices']}: several ranks need train.strategy = 'ddp'"
     if t["num_nodes"] > 1 and t["strategy"] != "ddp":
         yield f"train.num_nodes = {t['num_nodes']}: several machines need train.strategy = 'ddp'"
+    msg = _batch_larger_than_data(cfg)
+    if msg:
+        yield msg
+
+
+def _batch_larger_than_data(cfg: Mapping[str, Any]) -> str | None:
+    """A training batch cannot hold more samples than a rank's share of the data set: refused, not clamped.
+
+    Clamping would profile a smaller batch than the one asked for while the configuration (and the dashboard)
+    still named the big one: the run said "batch 1000000000000" while every batch held 96 samples. Each of the
+    ``devices x num_nodes`` ranks gets ceil(num_train_samples / ranks) samples (DistributedSampler pads the
+    last share), which is the largest batch that exists.
+    """
+    t = cfg["train"]
+    if cfg["job"]["kind"] != "train":
+        return None  # load jobs use no batch; generate makes its own (batch_size x 3 images)
+    ranks = t["devices"] * t["num_nodes"]
+    per_rank = -(-t["num_train_samples"] // ranks)
+    if t["batch_size"] <= per_rank:
+        return None
+    share = (
+        f"train.num_train_samples = {t['num_train_samples']} gives each of the {ranks} ranks {per_rank}"
+        if ranks > 1
+        else f"train.num_train_samples = {t['num_train_samples']}"
+    )
+    return (
+        f"train.batch_size = {t['batch_size']} is larger than the data set ({share}): "
+        f"use train.batch_size <= {per_rank} or raise train.num_train_samples to at least {t['batch_size'] * ranks}"
+    )
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -290,7 +441,7 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # not TOML (a TOMLDecodeError), or an integer past Python's 4300-digit limit
         return text
 
 
@@ -306,6 +457,8 @@ def load_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    except ValueError as e:  # an integer past Python's 4300-digit conversion limit
+        raise ConfigError(f"{path}: cannot read a value: {e}") from None
     data.setdefault("name", _name_from_stem(path.stem))
     return data
 

@@ -26,6 +26,47 @@ def parse_size(text: str) -> int:
     return int(Decimal(m.group(1)) * _UNITS[unit])
 
 
+# Bounds of a memory size given on the command line (--gpu-memory, --host-memory). Below 1 MiB nothing runs (a
+# CUDA context alone is hundreds of MiB); above 64 TiB is no single machine (the largest shared-memory servers
+# hold 32 TB, the largest GPU 0.3 TB): such a number is a typo, and would make every verdict "fits".
+MIN_MEMORY = MIB
+MAX_MEMORY = 64 * 1024**4
+_NUMBER_RE = re.compile(r"\+?([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)")
+_EXPONENT_RE = re.compile(r"[-+]?[0-9.]+[eE][-+]?[0-9]+\s*[a-zA-Z]*")
+
+
+def parse_memory(text: str) -> int:
+    """A machine's memory as a user types it (``80GiB``, ``24GB``, ``512MiB``, ``85899345920B``) -> bytes.
+
+    Stricter than :func:`parse_size`: a bare number is refused, because ``--gpu-memory 80`` meant 80 GiB to its
+    user and 80 bytes to blipmon (a confident OOM verdict); bytes are still one letter away (``80B``). Negative,
+    zero, infinite and absurd sizes each get a message that says which of those it is. Raises ValueError.
+    """
+    s = text.strip()
+    low = s.lower().lstrip("+-")
+    if low.startswith(("inf", "nan")):
+        raise ValueError(f"{s!r} is not a size: expected a finite amount, e.g. 80GiB")
+    if s.startswith("-") and any(c.isdigit() for c in s):
+        raise ValueError(f"{s!r} is negative: a memory size is above zero, e.g. 80GiB")
+    if _EXPONENT_RE.fullmatch(s):
+        raise ValueError(f"{s!r}: write the number without an exponent, e.g. 80GiB or 24GB")
+    m = _NUMBER_RE.fullmatch(s)
+    if m and not m.group(2):
+        num = m.group(1)
+        raise ValueError(f"{s!r} has no unit: add a unit ({num}GiB, {num}GB, or {num}B for bytes)")
+    try:
+        n = parse_size(s.lstrip("+"))
+    except ValueError:
+        raise ValueError(f"{s!r} is not a size: use e.g. 80GiB, 24GB or 512MiB") from None
+    if n == 0:
+        raise ValueError(f"{s!r} is zero: a memory size is above zero, e.g. 80GiB")
+    if n < MIN_MEMORY:
+        raise ValueError(f"{s!r} is less than 1MiB, too little to run anything: expected at least 1MiB")
+    if n > MAX_MEMORY:
+        raise ValueError(f"{s!r} is more memory than any one machine has: expected at most 64TiB")
+    return n
+
+
 def fmt_bytes(n: int | float | None, *, unit: str | None = None, digits: int = 2) -> str:
     """Human-readable bytes; ``None`` (a figure that does not exist on this device) reads as a dash."""
     if n is None:
