@@ -351,7 +351,7 @@ class Nvml:
         if not mig:
             children = self._mig_children(handle)
             if len(children) == 1:
-                handle, mig, how = children[0], True, how + ", its one MIG device"
+                handle, mig = children[0], True  # the one MIG device on it is where CUDA runs
             elif children:
                 self._note(
                     f"nvml:mig:{label}",
