@@ -160,11 +160,8 @@ def build_config(name: str, description: str, model: Any, train: dict[str, Any],
     """
     from blipmon.core import config as config_mod
 
-    device = "cpu"
-    try:
-        device = "cuda" if next(model.parameters()).is_cuda else "cpu"
-    except (StopIteration, AttributeError):
-        pass
+    where = _device_of(model)  # never "meta": a model with host-offloaded modules still runs on its GPU
+    device = "cuda" if where is not None and where.type == "cuda" else "cpu"
     raw = {
         "name": name,
         "description": description,
@@ -248,6 +245,7 @@ class Recorder:
         rank: int,
     ) -> Path:
         import blipmon
+        from blipmon.runner.allocator import model_cuda_devices
         from blipmon.runner.batch_check import watch_image_placeholders
         from blipmon.runner.child import environment
         from blipmon.runner.launch import make_run_dir
@@ -270,7 +268,11 @@ class Recorder:
         )
         emit("config", config=config)
         device = _device_of(model)
-        cuda = device is not None and device.type == "cuda"
+        # Not from the first parameter alone: one accelerate offloaded to the host is on the meta device while
+        # the model runs on its GPU, and other parts may sit on other GPUs.
+        cuda = (device is not None and device.type == "cuda") or (
+            torch.cuda.is_available() and bool(model_cuda_devices(model))
+        )
         emit("environment", **environment(cuda))
         emit("integration", rank=rank, **integration)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -280,7 +282,7 @@ class Recorder:
             total_params=sum(p.numel() for p in model.parameters()),
             **plan,
         )
-        cuda_dev = device.index if cuda and device is not None else None
+        cuda_dev = _cuda_index(device, model) if cuda else None
         self.probe = PhaseProbe(
             model, emit, optimizer=unwrap_optimizer(optimizer), rank=rank, cuda=cuda, cuda_device=cuda_dev
         )
@@ -288,9 +290,13 @@ class Recorder:
         # count those, as ``blipmon run`` does (a no-op for a model without checkpointing).
         track_checkpoint_inputs(model, self.probe.saved)
         self._hooks = watch_image_placeholders(model, self._note_and_warn)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(cuda_dev)
-        self.sampler = Sampler(emit, self.sample_hz, cuda=cuda, cuda_device=cuda_dev or 0, rank=rank)
+        # The first boundary's peak covers the run's own interval, not everything before the fit began,
+        # on every GPU the model occupies (the same reset ``blipmon run`` does after loading).
+        self.probe.start_interval()
+        self.sampler = Sampler(
+            emit, self.sample_hz, cuda=cuda, cuda_device=cuda_dev or 0, rank=rank,
+            cuda_devices=self.probe.devices or None,
+        )  # fmt: skip
         self.sampler.start()
         self._prev_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
@@ -360,12 +366,10 @@ class Recorder:
             status = "oom"
             state: dict[str, Any] = {}
             if self.probe is not None and self.probe.cuda:
-                dev = self.probe.cuda_device
-                state = {
-                    "allocated": torch.cuda.memory_allocated(dev),
-                    "reserved": torch.cuda.memory_reserved(dev),
-                    "peak": torch.cuda.max_memory_allocated(dev),
-                }
+                from blipmon.runner.allocator import read
+
+                # Summed over every GPU the model occupies, each GPU's own under "devices" when several.
+                state = read(self.probe.devices).as_record()
             emit(
                 "oom",
                 step=self.step,
@@ -533,10 +537,23 @@ class Recorder:
 
 
 def _device_of(model: Any) -> torch.device | None:
+    """Where the model runs; a parameter accelerate offloaded (on the meta device) says where its hook runs it."""
+    from blipmon.runner.probes import execution_device
+
     try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
+        return execution_device(model)
+    except (StopIteration, AttributeError, TypeError):
         return None
+
+
+def _cuda_index(device: torch.device | None, model: Any) -> int:
+    """The GPU the run's inputs go to (the sampler's device); the model's first GPU when that says nothing."""
+    if device is not None and device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    from blipmon.runner.allocator import model_cuda_devices
+
+    found = model_cuda_devices(model)
+    return found[0] if found else 0
 
 
 def script_name() -> str:

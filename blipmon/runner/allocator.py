@@ -12,14 +12,19 @@ the cost. Nothing here synchronizes the device: the allocator's counters are hos
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
 class AllocatorReading:
-    """Sums over the devices read, and each device's own figures under ``"cuda:<index>"``."""
+    """Sums over the devices read, and each device's own figures under ``"cuda:<index>"``.
+
+    ``peak`` is the sum of each device's own peak over the interval: on a model split over GPUs the devices
+    need not peak at the same moment, so it bounds the simultaneous total from above (each GPU's own peak is
+    kept in ``per_device``, which is what decides whether that GPU runs out).
+    """
 
     allocated: int
     reserved: int
@@ -35,10 +40,13 @@ class AllocatorReading:
 
 
 def model_cuda_devices(model: Any, default: int | None = None) -> list[int]:
-    """Sorted CUDA indices holding the model's parameters or buffers (``hf_device_map`` included).
+    """Sorted CUDA indices holding the model's parameters or buffers, or running its offloaded parts.
 
-    Falls back to ``[default]`` when nothing of the model is on a GPU but the run still uses one (a
-    CPU-first load before its move), and to ``[]`` when there is nothing to read.
+    Three sources, because a dispatched model says it in three places: ``hf_device_map`` (modules that
+    ``from_pretrained`` split over GPUs), the tensors themselves, and the execution devices of accelerate's
+    hooks (a module offloaded to the CPU sits on the meta device, yet its weights are brought to, and its
+    activations live on, the hook's GPU). Falls back to ``[default]`` when nothing of the model is on a GPU
+    but the run still uses one (a CPU-first load before its move), and to ``[]`` when there is nothing to read.
     """
     found: set[int] = set()
     dm = getattr(model, "hf_device_map", None)
@@ -49,20 +57,35 @@ def model_cuda_devices(model: Any, default: int | None = None) -> list[int]:
                 found.add(idx)
     try:
         tensors: Iterable[Any] = list(model.parameters()) + list(model.buffers())
+        modules: Iterable[Any] = list(model.modules())
     except Exception:  # not an nn.Module
-        tensors = []
+        tensors, modules = [], []
     for t in tensors:
         dev = getattr(t, "device", None)
         if dev is not None and dev.type == "cuda":
             found.add(dev.index if dev.index is not None else 0)
+    for m in modules:
+        hook = getattr(m, "_hf_hook", None)
+        if hook is None:
+            continue
+        for h in getattr(hook, "hooks", None) or [hook]:  # accelerate's SequentialHook holds several
+            idx = _cuda_index(getattr(h, "execution_device", None))
+            if idx is not None:
+                found.add(idx)
     if not found and default is not None:
         found.add(default)
     return sorted(found)
 
 
 def _cuda_index(where: Any) -> int | None:
-    if isinstance(where, int) and not isinstance(where, bool):
+    """The CUDA index a device-map value or a hook's execution device names (None for cpu, disk, meta)."""
+    if where is None or isinstance(where, bool):
+        return None
+    if isinstance(where, int):
         return where
+    dev_type = getattr(where, "type", None)
+    if dev_type is not None:  # a torch.device
+        return (where.index or 0) if dev_type == "cuda" else None
     s = str(where)
     if s == "cuda":
         return 0
@@ -93,9 +116,14 @@ def read(devices: Sequence[int], *, stats: Any = None) -> AllocatorReading:
     )
 
 
-def reset_peaks(devices: Sequence[int]) -> None:
-    """Start a new peak interval on every device, so the next reading's peak covers exactly it."""
-    import torch
+def reset_peaks(devices: Sequence[int], *, reset: Callable[[int], None] | None = None) -> None:
+    """Start a new peak interval on every device, so the next reading's peak covers exactly it.
 
+    ``reset`` replaces ``torch.cuda.reset_peak_memory_stats`` in tests (several GPUs cannot exist on the CPU).
+    """
+    if reset is None:
+        import torch
+
+        reset = torch.cuda.reset_peak_memory_stats
     for dev in devices:
-        torch.cuda.reset_peak_memory_stats(dev)
+        reset(dev)

@@ -9,6 +9,7 @@ from typing import Any
 import psutil
 import torch
 
+from blipmon.runner.allocator import model_cuda_devices, read, reset_peaks
 from blipmon.runner.data import SyntheticCaptions
 from blipmon.runner.models import LoadedModel
 from blipmon.runner.train import Cursor
@@ -28,6 +29,9 @@ def run_generate(
     if not vision_dtype.is_floating_point:
         vision_dtype = torch.float16 if cuda else torch.float32
     proc = psutil.Process()
+    # accelerate's "auto" (a load/generate job's meaning) may spread the model over several GPUs: every
+    # allocator figure is summed over all of them, with each GPU's own under ``devices``.
+    devices = model_cuda_devices(model, default=loaded.device.index if loaded.device.type == "cuda" else None)
     for call in range(CALLS):
         cursor.step, cursor.phase = call, "generate"
         items = [ds[call * batch_size + i] for i in range(batch_size)]
@@ -39,20 +43,20 @@ def run_generate(
             nq = model.config.num_query_tokens
             kwargs["input_ids"] = torch.stack([it["input_ids"][:nq] for it in items]).to(loaded.device)
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            reset_peaks(devices)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**kwargs)
-        if cuda:
-            torch.cuda.synchronize()
+        for dev in devices if cuda else []:  # the call's latency includes its GPU work (once per call)
+            torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
+        memory: dict[str, Any] = read(devices).as_record() if cuda else {"allocated": None, "peak": None}
         emit(
             "generate",
             call=call,
             seconds=round(seconds, 6),
             batch_size=batch_size,
             new_tokens=int(out.shape[-1]),
-            allocated=torch.cuda.memory_allocated() if cuda else None,
-            peak=torch.cuda.max_memory_allocated() if cuda else None,
+            **memory,
             host_rss=proc.memory_info().rss,
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from blipmon.core.config import ConfigError
 from blipmon.core.presets import TINY_MODELS
 
 TINY_VERSION = 2  # bump when a tiny architecture changes, so stale caches are rebuilt
@@ -266,6 +267,75 @@ def _save_random(model_id: str, arch: Any, target: Path) -> Path:
     return target
 
 
+class PlacementError(ConfigError):
+    """A device map this job cannot run with, said before anything is loaded."""
+
+
+def world_size(cfg: dict[str, Any]) -> int:
+    """Ranks a train configuration runs (``train.devices`` x ``train.num_nodes``); 1 for load and generate."""
+    if cfg["job"]["kind"] != "train":
+        return 1
+    return int(cfg["train"].get("devices", 1)) * int(cfg["train"].get("num_nodes", 1))
+
+
+def check_device_map(cfg: dict[str, Any], world: int | None = None) -> None:
+    """Refuse a device map that several training ranks cannot share (raises ``PlacementError``).
+
+    DDP keeps one whole replica per rank, on the rank's own GPU (its ``LOCAL_RANK``), and refuses a module
+    spread over devices. A table names fixed devices, the same for every rank: every rank's replica would land
+    on the same GPU(s), or be split, or be partly on the CPU. ``"cuda"`` and ``"auto"`` (which a train job
+    reads as the rank's own GPU, see ``device_map_kwarg``) are what DDP can run.
+    """
+    world = world_size(cfg) if world is None else world
+    dm = cfg["model"]["device_map"]
+    if world > 1 and isinstance(dm, dict):
+        from blipmon.core.safe_text import one_line
+
+        shown = one_line(", ".join(f"{k or '(whole model)'} = {v!r}" for k, v in list(dm.items())[:6]))
+        raise PlacementError(
+            f"model.device_map = {{{shown}}} with {world} training ranks: DDP keeps a whole copy of the model on "
+            "each rank's own GPU, and a table names the same devices for every rank. "
+            "Use model.device_map = 'cuda' (each rank's own GPU) or train on one rank (train.devices = 1)"
+        )
+
+
+def device_map_kwarg(
+    cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0, world: int | None = None
+) -> tuple[Any, bool]:
+    """(``device_map`` for ``from_pretrained`` or None, whether to move the model to the GPU after loading).
+
+    - a table: as written (accelerate places each module; CPU/disk parts are offloaded with hooks);
+    - ``"cuda"``: the whole model on this process's GPU (``{"": cuda_index}``);
+    - ``"auto"`` in a train job: the same, the process's own GPU. blipmon's training loop runs one device per
+      process (and DDP one replica per rank), so the train default must not be accelerate's "auto", which on a
+      machine with several GPUs splits the model across all of them (and with DDP gave rank 0 a split model
+      that DDP then refused);
+    - ``"auto"`` in a load or generate job: accelerate's meaning, every visible GPU first and then the CPU,
+      as seed 003's loads use it;
+    - ``"cpu-first"``: loaded on the CPU, moved to the GPU after; ``"cpu"``: the CPU.
+
+    Without a GPU, ``"auto"`` and ``"cpu-first"`` load on the CPU. Refuses what several ranks cannot share
+    (``check_device_map``) before anything is loaded.
+    """
+    if world is None:
+        from blipmon.runner.distributed import Dist
+
+        world = max(Dist.from_env().world, world_size(cfg))
+    check_device_map(cfg, world)
+    dm = cfg["model"]["device_map"]
+    if isinstance(dm, dict):
+        return dict(dm), False
+    if dm == "cuda":
+        return {"": cuda_index}, False
+    if dm == "auto":
+        if not cuda:
+            return None, False
+        return ({"": cuda_index} if cfg["job"]["kind"] == "train" else "auto"), False
+    if dm == "cpu-first":
+        return None, cuda
+    return None, False
+
+
 def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> LoadedModel:
     """Load as configured: dtype, quantization, device map; time it."""
     from transformers import BitsAndBytesConfig
@@ -290,15 +360,9 @@ def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> Loade
             bnb_4bit_use_double_quant=False,
         )
     dm = mcfg["device_map"]
-    move_after = False
-    if isinstance(dm, dict):
-        kwargs["device_map"] = dict(dm)
-    elif dm == "cuda":
-        kwargs["device_map"] = {"": cuda_index}
-    elif dm == "auto":
-        kwargs["device_map"] = ("auto" if cuda_index == 0 else {"": cuda_index}) if cuda else None
-    elif dm == "cpu-first":
-        move_after = cuda
+    placed, move_after = device_map_kwarg(cfg, cuda=cuda, cuda_index=cuda_index)
+    if placed is not None:
+        kwargs["device_map"] = placed
     if quant != "none" and "device_map" not in kwargs:
         kwargs["device_map"] = {"": cuda_index} if cuda else {"": "cpu"}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -329,8 +393,11 @@ def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> Loade
         model = cls.from_pretrained(source, **kwargs)
     if move_after:
         model = model.to(f"cuda:{cuda_index}")
-    if cuda:
-        torch.cuda.synchronize()
+    if cuda:  # once per load, on every GPU the model landed on: the load time includes its copies
+        from blipmon.runner.allocator import model_cuda_devices
+
+        for dev in model_cuda_devices(model, default=cuda_index):
+            torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     return LoadedModel(
         model=model,
@@ -343,22 +410,49 @@ def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> Loade
 
 
 def input_device(model: Any) -> torch.device:
-    """Where batches go: the device of the first parameter that takes the inputs (the vision tower)."""
-    for name, p in model.named_parameters():
+    """Where batches go: where the module that takes the inputs (the vision tower) runs.
+
+    A module accelerate offloaded to the host sits on the meta device; its hook's execution device (or the
+    ``hf_device_map`` entry) says where it runs and so where its inputs must be (``probes.param_device``).
+    """
+    from blipmon.runner.probes import execution_device, param_device
+
+    names = [n for n, _ in model.named_parameters()]
+    modules = dict(model.named_modules())
+    for name in names:
         if "vision_model" in name:
-            return p.device
-    return next(model.parameters()).device
+            dev = param_device(model, name, modules)
+            if dev is not None:
+                return dev
+            break
+    return execution_device(model) or torch.device("cpu")
 
 
 def placement(model: Any) -> dict[str, int]:
-    """Parameter bytes per device (unique storages), the figure seeds 000 and 001 care about."""
+    """Parameter bytes per device (unique storages), the figure seeds 000 and 001 care about.
+
+    Parameters accelerate offloaded (on the meta device, their weights in a hook's weights map) count where
+    their weights are: ``"cpu"`` for host RAM, ``"disk"`` for an offload folder; a meta parameter nothing
+    holds counts under ``"meta"``. Counting meta storages instead would collapse them all into one key.
+    """
+    from blipmon.runner.probes import offloaded_params
+
     seen: set[tuple[str, int]] = set()
     out: dict[str, int] = {}
     for p in model.parameters():
+        if p.device.type == "meta":
+            continue
         st = p.untyped_storage()
         key = (str(p.device), st.data_ptr())
         if key in seen:
             continue
         seen.add(key)
         out[str(p.device)] = out.get(str(p.device), 0) + st.nbytes()
+    for o in offloaded_params(model):
+        if o.tensor is not None:
+            key = (o.where, o.tensor.untyped_storage().data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+        out[o.where] = out.get(o.where, 0) + o.nbytes
     return out

@@ -13,12 +13,15 @@ import contextlib
 import itertools
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import torch
+
+from blipmon.runner import allocator
 
 _Key = tuple[int, int]  # (device index or -1 for CPU, storage data pointer)
 
@@ -71,6 +74,157 @@ class StorageCounter:
         if len(cache) > 4 * (len(seen) + 1024):
             self._cache = {i: v for i, v in cache.items() if v[0]() is not None}
         return total, on_cuda
+
+
+# -- accelerate's dispatched models ------------------------------------------------------------------------------
+# ``from_pretrained`` with a device map that has CPU (or disk) parts hands the model to accelerate, which moves
+# those modules' weights to the meta device and attaches an ``AlignDevicesHook`` that brings them to its
+# ``execution_device`` for each forward, from its ``weights_map``. A meta tensor has no storage (its data
+# pointer is 0), so counting storages would collapse every offloaded weight into one key, and asking a meta
+# parameter where the model runs answers "meta". These helpers read where the weights really are.
+
+
+def hooks_of(module: Any) -> list[Any]:
+    """accelerate's hooks on one module (a ``SequentialHook`` holds several), or none."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    inner = getattr(hook, "hooks", None)
+    return list(inner) if isinstance(inner, (list, tuple)) else [hook]
+
+
+def as_device(where: Any) -> torch.device | None:
+    """A torch device from a device-map value or a hook's execution device (an int is a CUDA index)."""
+    if where is None or isinstance(where, bool):
+        return None
+    if isinstance(where, torch.device):
+        return where
+    if isinstance(where, int):
+        return torch.device("cuda", where)
+    try:
+        return torch.device(str(where))
+    except (RuntimeError, ValueError):  # "disk" is a device-map value, not a device
+        return None
+
+
+def hook_execution_device(module: Any) -> torch.device | None:
+    """Where accelerate runs this module (and sends its inputs), if a hook on it says so."""
+    for h in hooks_of(module):
+        dev = as_device(getattr(h, "execution_device", None))
+        if dev is not None and dev.type != "meta":
+            return dev
+    return None
+
+
+def _owner_chain(name: str) -> list[str]:
+    """Module names from a tensor's owner up to the root: ``a.b.w`` -> ``["a.b", "a", ""]``."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]
+
+
+def param_device(model: Any, name: str, modules: Mapping[str, Any] | None = None) -> torch.device | None:
+    """Where the parameter ``name`` takes part in the forward: its own device, or (offloaded to the meta device)
+    the execution device of the nearest accelerate hook above it, or the ``hf_device_map`` entry covering it.
+
+    None when nothing says (a meta parameter nobody will materialise).
+    """
+    p = model.get_parameter(name)
+    if p.device.type != "meta":
+        return p.device
+    modules = dict(model.named_modules()) if modules is None else modules
+    for owner in _owner_chain(name):
+        dev = hook_execution_device(modules.get(owner))
+        if dev is not None:
+            return dev
+    dm = getattr(model, "hf_device_map", None)
+    if isinstance(dm, Mapping):
+        for owner in _owner_chain(name):
+            if owner in dm:
+                dev = as_device(dm[owner])
+                if dev is not None and dev.type not in ("meta", "cpu"):
+                    return dev
+    return None
+
+
+def execution_device(model: Any) -> torch.device | None:
+    """Where the model runs: its first parameter's device, looking through accelerate's offloading (never meta).
+
+    None for a model without parameters. The callbacks decide "on CUDA or not" from this: a model whose first
+    module is offloaded to the host still runs on its GPU.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if not names:
+        return None
+    modules = dict(model.named_modules())
+    for name in names:
+        dev = param_device(model, name, modules)
+        if dev is not None:
+            return dev
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """A parameter on the meta device, and where its weights really are."""
+
+    name: str
+    where: str  # "cpu" (host RAM, or the device of the tensor the hook loads from), "disk", or "meta" (nowhere)
+    nbytes: int  # numel x element size (for "cpu", the tensor's storage is what ``tensor`` holds)
+    tensor: torch.Tensor | None  # the in-memory copy the hook loads from; None on disk or nowhere
+
+
+def _weights_source(weights_map: Any, key: str) -> tuple[torch.Tensor | None, Mapping[str, Any] | None]:
+    """(in-memory tensor, disk index entry) for ``key`` in a hook's weights map, without loading anything from disk."""
+    for _ in range(32):  # accelerate's PrefixedDataset: a prefix over the model-wide map
+        prefix, inner = getattr(weights_map, "prefix", None), getattr(weights_map, "dataset", None)
+        if not isinstance(prefix, str) or inner is None:
+            break
+        key, weights_map = prefix + key, inner
+    state_dict, index = getattr(weights_map, "state_dict", None), getattr(weights_map, "index", None)
+    if isinstance(state_dict, Mapping) and isinstance(index, Mapping):  # accelerate's OffloadedWeightsLoader
+        t = state_dict.get(key)
+        if isinstance(t, torch.Tensor):
+            return t, None
+        info = index.get(key)
+        return None, info if isinstance(info, Mapping) else {}
+    if isinstance(weights_map, Mapping):  # a plain state dict (cpu_offload, a hook's own copy)
+        t = weights_map.get(key)
+        return (t, None) if isinstance(t, torch.Tensor) else (None, None)
+    return None, None
+
+
+def _itemsize(info: Mapping[str, Any] | None, fallback: torch.dtype) -> int:
+    dtype = getattr(torch, str((info or {}).get("dtype", "")), None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else fallback.itemsize
+
+
+def offloaded_params(model: Any) -> list[Offloaded]:
+    """Every parameter on the meta device, with where accelerate keeps its weights (see the section comment)."""
+    out: list[Offloaded] = []
+    modules: dict[str, Any] | None = None
+    for name, p in model.named_parameters():
+        if p.device.type != "meta":
+            continue
+        if modules is None:
+            modules = dict(model.named_modules())
+        numel_bytes = p.numel() * p.dtype.itemsize
+        found: Offloaded | None = None
+        for owner in _owner_chain(name):
+            for h in hooks_of(modules.get(owner)):
+                wm = getattr(h, "weights_map", None)
+                if not getattr(h, "offload", False) or wm is None:
+                    continue
+                tensor, info = _weights_source(wm, name[len(owner) + 1 :] if owner else name)
+                if tensor is not None:
+                    found = Offloaded(name, str(tensor.device), tensor.untyped_storage().nbytes(), tensor)
+                elif info is not None:
+                    found = Offloaded(name, "disk", p.numel() * _itemsize(info, p.dtype), None)
+                if found is not None:
+                    break
+            if found is not None:
+                break
+        out.append(found or Offloaded(name, "meta", numel_bytes, None))
+    return out
 
 
 def optimizer_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
@@ -263,6 +417,12 @@ class PhaseProbe:
 
     ``emit`` is the event sink (the profile writer's ``write``), injected so the probe can be
     tested without files and reused by the Trainer and Lightning callbacks.
+
+    On CUDA the allocator figures (``allocated``, ``reserved``, ``peak`` and the peak resets) cover every GPU
+    the model occupies (``allocator.model_cuda_devices``), summed, with each GPU's own figures under ``devices``
+    when there are several: ``other`` subtracts the categories' bytes on every GPU, so it must be compared with
+    every GPU's allocations. Each boundary asks the allocator once per device (one ``memory_stats``) and never
+    synchronizes: the allocator's counters are kept on the host.
     """
 
     def __init__(
@@ -277,10 +437,16 @@ class PhaseProbe:
         extra_grads: Callable[[], Iterable[torch.Tensor]] | None = None,
         optim_state: Callable[[], Iterable[torch.Tensor]] | None = None,
         host_split: bool = False,
+        devices: Sequence[int] | None = None,
+        memory_stats: Callable[[int], Mapping[str, Any]] | None = None,
+        reset_peak: Callable[[int], None] | None = None,
     ) -> None:
         """``extra_grads``/``optim_state`` say where gradients and optimizer memory live when a strategy
         (DeepSpeed ZeRO) keeps them outside ``.grad`` and ``optimizer.state``; ``host_split`` adds the
         bytes of each that sit in host RAM (``grads_host``, ``optim_host``), as the lab's offload row prints.
+
+        ``devices`` (CUDA indices) overrides the GPUs found on the model; ``memory_stats``/``reset_peak``
+        replace ``torch.cuda.memory_stats``/``reset_peak_memory_stats`` (tests: several GPUs cannot exist here).
         """
         self.model = model
         self._extra_grads = extra_grads
@@ -291,6 +457,10 @@ class PhaseProbe:
         self.rank = rank
         self.cuda = cuda
         self.cuda_device = cuda_device
+        self._fixed_devices = list(devices) if devices is not None else None
+        self.devices: list[int] = []
+        self._stats = memory_stats
+        self._reset = reset_peak
         self.saved = CountingSavedTensorTracker()
         self._rss = HostRss()
         self._counter = StorageCounter()
@@ -311,16 +481,41 @@ class PhaseProbe:
         self._optim_dirty = True
 
     def refresh_params(self) -> None:
-        """Recount parameter storages (after a cast, a move or wrapping with LoRA)."""
+        """Recount parameter storages (after a cast, a move or wrapping with LoRA), and the GPUs they occupy.
+
+        A parameter accelerate offloaded to the meta device counts at its real home (the host copy its hook
+        loads from); one offloaded to disk is in no memory and is left out, as is a meta parameter nothing holds.
+        """
         params = list(self.model.parameters())
         self._params = params
+        real = [p for p in params if p.device.type != "meta"]
         keys: set[_Key] = set()
-        for p in params:
+        for p in real:
             keys.add(_key(p)[0])
         self._param_keys = keys
-        self._params_total, self._params_cuda = storage_bytes(params)
+        host = (
+            [o.tensor for o in offloaded_params(self.model) if o.tensor is not None] if len(real) < len(params) else []
+        )
+        self._params_total, self._params_cuda = storage_bytes(itertools.chain(real, host))
+        if self._fixed_devices is not None:
+            self.devices = list(self._fixed_devices)
+        elif self.cuda:
+            default = self.cuda_device if self.cuda_device is not None else torch.cuda.current_device()
+            self.devices = allocator.model_cuda_devices(self.model, default=default)
+        else:
+            self.devices = []
 
-    def measure(self) -> dict[str, int | None]:
+    def start_interval(self) -> None:
+        """Reset every GPU's peak: the next boundary's ``peak`` then covers only what happened since.
+
+        Called once setup is over (loading, quantization, DeepSpeed's flattening), right before the first
+        ``before_fwd``: without it step 0's first peak would be the process's lifetime peak. The load peak is
+        recorded on its own, before this.
+        """
+        if self.cuda:
+            allocator.reset_peaks(self.devices, reset=self._reset)
+
+    def measure(self) -> dict[str, Any]:
         count = self._counter.count
         grads: Iterable[torch.Tensor] = (p.grad for p in self._params if p.grad is not None)
         if self._extra_grads is not None:
@@ -331,7 +526,7 @@ class PhaseProbe:
             self._optim_dirty = False
         o_total, o_cuda = self._optim_bytes
         a_total, a_cuda = self.saved.count(self._param_keys)
-        rec: dict[str, int | None] = {
+        rec: dict[str, Any] = {
             "params": self._params_total,
             "grads": g_total,
             "optim": o_total,
@@ -346,14 +541,11 @@ class PhaseProbe:
             rec["grads_host"] = g_total - g_cuda
             rec["optim_host"] = o_total - o_cuda
         if self.cuda:
-            dev = self.cuda_device
-            allocated = torch.cuda.memory_allocated(dev)
-            rec["allocated"] = allocated
-            rec["peak"] = torch.cuda.max_memory_allocated(dev)
-            rec["reserved"] = torch.cuda.memory_reserved(dev)
-            rec["other"] = allocated - (self._params_cuda + g_cuda + o_cuda + a_cuda)
+            reading = allocator.read(self.devices, stats=self._stats)
+            rec.update(reading.as_record())
+            rec["other"] = reading.allocated - (self._params_cuda + g_cuda + o_cuda + a_cuda)
             # The next boundary's peak covers exactly the interval since this one.
-            torch.cuda.reset_peak_memory_stats(dev)
+            allocator.reset_peaks(self.devices, reset=self._reset)
         return rec
 
     def boundary(self, phase: str, step: int, micro_step: int) -> dict[str, Any]:
@@ -377,6 +569,9 @@ class NullProbe:
         yield
 
     def refresh_params(self) -> None:
+        pass
+
+    def start_interval(self) -> None:
         pass
 
     def boundary(self, phase: str, step: int, micro_step: int) -> dict[str, Any]:

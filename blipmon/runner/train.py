@@ -123,6 +123,29 @@ def _to_device(
     return out
 
 
+def mean_loss(losses: list[torch.Tensor], scale: float = 1) -> float | None:
+    """The step's loss from its micro-steps' loss tensors (each times ``scale``): one copy to the host for all.
+
+    Each value is the float the tensor holds (a bfloat16 or float32 value is exact in float32) and is scaled in
+    Python, so the result is what converting each with ``float()`` gave, without a device sync per micro-step.
+    """
+    if not losses:
+        return None
+    values = torch.stack([x.reshape(()).float() for x in losses]).tolist()
+    return sum(v * scale for v in values) / len(values)
+
+
+def _sync_devices(model: Any, loaded: LoadedModel, probe: Any) -> list[int]:
+    """The GPUs the step's time must wait for: the probe's (every GPU the model occupies), else the input's."""
+    devices = list(getattr(probe, "devices", None) or [])
+    if devices:
+        return devices
+    from blipmon.runner.allocator import model_cuda_devices
+
+    default = loaded.device.index if loaded.device.type == "cuda" else None
+    return model_cuda_devices(model, default=default)
+
+
 def run_train(
     loaded: LoadedModel,
     cfg: dict[str, Any],
@@ -221,10 +244,16 @@ def run_train(
     if engine is not None:  # DeepSpeed runs the whole model in its half dtype: inputs must match
         float_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(t["precision"], float_dtype)
     acc = sched.accumulate
+    sync_devices = _sync_devices(model, loaded, probe) if cuda else []
+    # Setup is over: from here on a peak belongs to a phase. Step 0's first "peak before forward" must cover the
+    # interval since now, not loading, quantization or DeepSpeed's flattening (the load record has that peak).
+    probe.start_interval()
     step = 0
     for _epoch in range(t["max_epochs"]):
         micro = 0
-        losses: list[float] = []
+        # Micro-step losses stay tensors on the device: float() on one waits for the GPU to finish everything
+        # queued so far, every micro-step. They become numbers once per optimizer step, for its record.
+        losses: list[torch.Tensor] = []
         samples = 0
         t_start = time.perf_counter()
         for i, batch in enumerate(loader):
@@ -250,10 +279,10 @@ def run_train(
             cursor.phase = "backward"
             if engine is not None:
                 engine.backward(loss)
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
             else:
                 (scaler.scale(loss) if scaler else loss).backward()
-                losses.append(float(loss.detach()) * acc)
+                losses.append(loss.detach())
             del loss, batch
             probe.boundary("after_bwd", step, micro)
             micro += 1
@@ -270,15 +299,18 @@ def run_train(
             probe.boundary("after_opt_step", step, micro - 1)
             if engine is None:
                 optimizer.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
+            # Once per optimizer step (never per phase): the step's time must include the GPU work it queued,
+            # on every GPU the model occupies; the losses' one copy to the host then costs no further wait.
+            for dev in sync_devices:
+                torch.cuda.synchronize(dev)
             seconds = time.perf_counter() - t_start
+            step_loss = mean_loss(losses, scale=1 if engine is not None else acc)
             emit(
                 "step" if dist.writes_run else "rank_step",
                 rank=dist.rank,
                 step=step,
                 seconds=round(seconds, 6),
-                loss=sum(losses) / len(losses),
+                loss=step_loss,
                 samples_per_s=samples / seconds if seconds > 0 else None,
                 micro_steps=micro,
             )
