@@ -181,6 +181,8 @@ def _status(returncode: int) -> str:
     if returncode == 0:
         return "ok"
     if returncode < 0:
+        if -returncode == signal.SIGKILL:  # nothing can catch it: the OOM killer or `kill -9`
+            return "killed"
         return "stopped" if -returncode in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) else "error"
     return "stopped" if returncode in _STOP_CODES else "error"
 

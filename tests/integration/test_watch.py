@@ -223,3 +223,15 @@ def test_usage_errors(run_cli: Any, tmp_path: Path) -> None:
 )
 def test_run_names(cmd: list[str], name: str) -> None:
     assert run_name(cmd) == name
+
+
+def test_a_command_sigkilled_is_killed_not_an_error(tmp_path: Path, blipmon_cache: Path) -> None:
+    """`kill -9` (or the kernel's OOM killer) cannot be caught: the run says killed, as `blipmon run` does."""
+    w = Watched(tmp_path / "out", blipmon_cache, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    code, _, err = w.finish()
+    assert code == 128 + signal.SIGKILL, err
+    run_dir = w.run_dir()
+    assert run_dir is not None
+    run = load_run(run_dir)
+    assert run.status == "killed"
+    assert run.summary()["exit"] == {"code": None, "signal": "SIGKILL"}
