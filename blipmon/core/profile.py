@@ -13,6 +13,8 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -37,16 +39,63 @@ class ProfileError(Exception):
     """A run directory that cannot be read; the message says why in the user's terms."""
 
 
+RESERVE = ".blipmon-reserve"
+"""A run's reserved space: written by the launcher before the child starts, freed to record how a run ended.
+
+On a full disk every write fails, so the records that say what happened (the child's ``error`` and
+``end``, the parent's ``exit``) would be lost and the run would read as killed. The child frees this
+file when its profile hits a full disk, and the parent frees whatever is left before it appends
+the exit record: what the run ends with always has room, and no file stays behind.
+"""
+RESERVE_BYTES = 64 * 1024
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or an exhausted quota (not a file-size limit, which freeing space does not cure)."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def reserve_space(run_dir: Path, nbytes: int = RESERVE_BYTES) -> None:
+    """Write the run's reserve (real blocks, not a sparse file); raises OSError, leaving nothing, when it cannot."""
+    path = Path(run_dir) / RESERVE
+    try:
+        with open(path, "wb") as fh:
+            fh.write(bytes(nbytes))
+    except OSError:
+        release_reserve(run_dir)
+        raise
+
+
+def release_reserve(run_dir: Path | None) -> bool:
+    """Free the run's reserve; True when there was one to free."""
+    if run_dir is None:
+        return False
+    try:
+        os.unlink(Path(run_dir) / RESERVE)
+    except OSError:  # not there (already freed, or never made), or the folder is gone
+        return False
+    return True
+
+
+class _WriteFailed(Exception):
+    def __init__(self, error: OSError, rest: bytes, started: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.rest, self.started = error, rest, started
+
+
 class EventWriter:
     """Appends events as JSON lines and flushes each one; safe to share with the sampler thread.
 
     Each record goes out as one ``write`` on an ``O_APPEND`` file, so several ranks can append to
     the same stream without interleaving inside a line. A failed write (a full disk, a removed
     directory) is remembered rather than raised from the sampler thread: ``failed`` tells the job
-    to stop cleanly, and what was written stays valid.
+    to stop cleanly, and what was written stays valid. On a full disk the writer frees the run's
+    reserve (``reserve_dir``, see ``RESERVE``) so the record that hit it ends whole, and
+    ``write_final`` can still record how the run ended.
     """
 
-    def __init__(self, path: Path, *, t0: float | None = None) -> None:
+    def __init__(self, path: Path, *, t0: float | None = None, reserve_dir: Path | None = None) -> None:
         self.path = path
         env_t0 = os.environ.get("BLIPMON_T0")
         if t0 is None and env_t0:
@@ -55,14 +104,24 @@ class EventWriter:
             except ValueError:
                 t0 = None
         self.t0 = time.monotonic() if t0 is None else t0
+        self.reserve_dir = reserve_dir
         self._lock = threading.Lock()
         self._fh: IO[bytes] | None = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self.failed: OSError | None = None
+        self._partial = False  # a failed write left part of a line: the next record starts a new one
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 6)
 
     def write(self, kind: str, /, **fields: Any) -> bool:
+        """Append one record; False (and ``failed`` set) once the profile cannot be written."""
+        return self._write(kind, fields, final=False)
+
+    def write_final(self, kind: str, /, **fields: Any) -> bool:
+        """Append one of a run's last records (``error``, ``end``) even after a failed write: best effort."""
+        return self._write(kind, fields, final=True)
+
+    def _write(self, kind: str, fields: dict[str, Any], *, final: bool) -> bool:
         record = {"type": kind, "t": fields.pop("t", None) or self.now(), **fields}
         try:
             line = json.dumps(record, separators=(",", ":"), allow_nan=False, default=_json_default)
@@ -70,16 +129,39 @@ class EventWriter:
             line = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=_json_default)
         data = (line + "\n").encode("utf-8")
         with self._lock:
-            if self._fh is None or self.failed is not None:
+            if self._fh is None or (self.failed is not None and not final):
                 return False
+            if self._partial:
+                data = b"\n" + data
             try:
-                written = self._fh.write(data)
-                while written is not None and written < len(data):  # a short write: finish the line
-                    written += self._fh.write(data[written:]) or 0
+                self._put(data)
+                self._partial = False
+                return True
+            except _WriteFailed as f:
+                self.failed = self.failed or f.error
+                failure = f
+            if is_disk_full(failure.error):
+                release_reserve(self.reserve_dir)
+                try:
+                    self._put(failure.rest)  # into the space the reserve held: this record ends whole
+                    self._partial = False
+                    return True
+                except _WriteFailed as g:
+                    self._partial = self._partial or failure.started or g.started
+                    return False
+            self._partial = self._partial or failure.started
+            return False
+
+    def _put(self, data: bytes) -> None:
+        """Write all of ``data`` (finishing short writes); on an error, raise it with what is left unwritten."""
+        assert self._fh is not None
+        done = 0
+        while done < len(data):
+            try:
+                n = self._fh.write(data[done:])
             except OSError as e:
-                self.failed = e
-                return False
-        return True
+                raise _WriteFailed(e, data[done:], started=done > 0) from None
+            done += n or 0
 
     def close(self) -> None:
         with self._lock:
@@ -593,9 +675,15 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
 
 
 def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """Write ``config.json`` whole or not at all: a failed write (a full disk) leaves no temporary file."""
     tmp = run_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / CONFIG)
+    try:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, run_dir / CONFIG)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:

@@ -1,15 +1,15 @@
 """Several ranks: what torchrun tells each child, and the process group it needs.
 
 blipmon does not launch ranks itself; ``torch.distributed.run`` does (see ``launch.py``), and
-each rank records its own phases into the shared event stream with its ``rank``.
+each rank records its own phases into the shared event stream with its ``rank``. torch is imported
+only where it is used: reading the ranks from the environment must not cost the child its first
+second (the child writes its header first, so a run stopped at once is still a run).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class Dist:
 
     def init(self, cuda: bool) -> None:
         """nccl between GPUs, gloo on CPUs."""
+        import torch
+
         if not self.multi or torch.distributed.is_initialized():
             return
         if cuda:
@@ -54,5 +56,7 @@ class Dist:
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
 
     def close(self) -> None:
+        import torch
+
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

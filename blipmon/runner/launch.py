@@ -7,12 +7,15 @@ parent only appends the final ``exit`` record, which is what turns a SIGKILLed c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from blipmon.core.config import ConfigError
-from blipmon.core.profile import CONFIG, EVENTS, LOG, write_config
+from blipmon.core.profile import (
+    CONFIG,
+    EVENTS,
+    LOG,
+    RESERVE,
+    RESERVE_BYTES,
+    is_disk_full,
+    release_reserve,
+    reserve_space,
+    write_config,
+)
 from blipmon.core.safe_text import one_line
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -363,9 +376,25 @@ class Launch:
     def __init__(self, cfg: dict[str, Any], out: Path | None = None) -> None:
         self.cfg = cfg
         self.run_dir = make_run_dir(cfg, out)
-        write_config(self.run_dir, cfg)
+        try:
+            write_config(self.run_dir, cfg)
+            reserve_space(self.run_dir)
+        except BaseException as e:
+            # Nothing can run here (or the user interrupted): leave no half-made run behind.
+            _remove_run_dir(self.run_dir)
+            if isinstance(e, OSError) and is_disk_full(e):
+                raise OSError(
+                    e.errno,
+                    f"disk full ({e.strerror}): a run needs room for its configuration and "
+                    f"{RESERVE_BYTES // 1024} KiB to record how it ends",
+                    str(self.run_dir.parent),
+                ) from None
+            raise
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        self.started = time.time()
+        self.interrupted = False  # a Ctrl-C reached this process while it started the child
+        self.ended_oom = False  # a rank recorded an out-of-memory ending (torchrun's own code hides it)
 
     def command(self) -> list[str]:
         """The child's argument list: the child module itself, or torchrun starting one per rank."""
@@ -393,20 +422,50 @@ class Launch:
             env["PYTORCH_CUDA_ALLOC_CONF"] = alloc
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env["PYTHONUNBUFFERED"] = "1"
+        # A Ctrl-C while the child is being started is held here and acted on once it exists: the
+        # child is asked to stop (and records it), and ``wait`` follows it to its exit code.
+        caught: list[int] = []
+        previous = _hold_sigint(caught)
         log = open(self.run_dir / LOG, "ab")  # noqa: SIM115 - the child owns it from here
         try:
             cmd = self.command()
-            if len(cmd) > 4:  # several ranks: the header comes from here, before any rank appends
+            single = len(cmd) <= 4
+            if not single:  # several ranks: the header comes from here, before any rank appends
                 self._write_header(env)
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+            # The child starts with SIGINT/SIGTERM blocked and unblocks them once its handlers are in
+            # place (runner.child.main): a Ctrl-C during its start-up is delivered then, as a recorded
+            # stop, instead of killing an interpreter that has not recorded anything. A blocked signal
+            # is kept pending, never lost. torchrun keeps its own handling (it never unblocks).
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_STOP_SIGNALS) if single else None
+            try:
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                )
+            finally:
+                if blocked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         finally:
             log.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if caught:
+            self._interrupted_while_starting(previous)
+
+    def _interrupted_while_starting(self, previous: Any) -> None:
+        """A Ctrl-C came while the child was being started: stop it (it records the stop) as the caller would.
+
+        With Python's default handler that is what ``wait`` does with a KeyboardInterrupt; a caller's
+        own handler (the dashboard's supervisor) is called as if the signal had just arrived.
+        """
+        self.interrupted = True
+        if previous is signal.default_int_handler or previous in (signal.SIG_DFL, None):
+            self.stop()
+        elif callable(previous):
+            previous(signal.SIGINT, None)
 
     def _write_header(self, env: dict[str, str]) -> None:
         import socket
@@ -455,17 +514,132 @@ class Launch:
         return self.exit_code()
 
     def _finish(self, code: int) -> None:
+        """The child has ended: make its profile a readable run that says how, then free the reserve.
+
+        A child that died before it wrote its header (interrupted while starting, or broken) gets one
+        from here, so ``show`` reads the run; a disk that filled before the child could say so gets
+        an ``error`` record that does.
+        """
         if self.returncode is not None:
             return
         self.returncode = code
+        full_before = _disk_nearly_full(self.run_dir)
+        release_reserve(self.run_dir)
+        pid = self.proc.pid if self.proc is not None else None
+        ensure_header(self.run_dir, name=str(self.cfg.get("name", self.run_dir.name)), pid=pid, started=self.started)
+        ends = end_statuses(self.run_dir) if code != 0 else []
+        if code != 0 and not ends and full_before:
+            append_record(self.run_dir, {"type": "error", "t": None, "message": DISK_FULL_MESSAGE,
+                                         "reason": "disk_full", "source": "launcher"})  # fmt: skip
+        self.ended_oom = "oom" in ends
         append_exit(self.run_dir, code)
 
     def exit_code(self) -> int:
-        """``blipmon run``'s exit code: 0 ok, 1 error, 3 oom, 4 stopped or killed."""
+        """``blipmon run``'s exit code: 0 ok, 1 error, 3 oom, 4 stopped or killed.
+
+        torchrun exits 1 whichever way a rank failed; a rank that ran out of memory recorded an ``end``
+        with status ``oom``, and that makes the run's code 3, as for a single process.
+        """
         code = self.returncode
         if code is None or code < 0:
             return 4
+        if code not in (0, 3, 4) and self.ended_oom:
+            return 3
         return code if code in (0, 1, 3, 4) else 1
+
+
+_CHILD_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _hold_sigint(caught: list[int]) -> Any:
+    """Replace SIGINT's handler by one that only notes the signal; returns the previous one (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+
+
+DISK_FULL_MESSAGE = "disk full: the run stopped because its folder's disk had no space left (No space left on device)"
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that never started (its few files, then the folder); best effort."""
+    for name in (CONFIG, CONFIG + ".tmp", RESERVE, EVENTS, LOG):
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+
+
+def _disk_nearly_full(run_dir: Path) -> bool:
+    """Less room left on the run's disk than one reserve: what a run that ended on a full disk leaves."""
+    try:
+        st = os.statvfs(run_dir)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < RESERVE_BYTES
+
+
+def ensure_header(run_dir: Path, *, name: str, pid: int | None, started: float) -> bool:
+    """Put a header first in ``events.jsonl`` when the child never wrote one; True when one was added.
+
+    A child stopped or broken before its first record leaves an empty stream (or one with no header
+    before the parent's records), which readers refuse. The file is rewritten whole (temporary file,
+    then rename) so a reader never sees half of it; on failure nothing changes and nothing is left.
+    """
+    import socket
+
+    import blipmon
+    from blipmon.core.profile import FORMAT_VERSION
+
+    path = run_dir / EVENTS
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline()
+    except FileNotFoundError:
+        first = b""
+    except OSError:
+        return False
+    if first.strip():
+        try:
+            rec = json.loads(first)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and rec.get("type") == "header":
+            return False
+    header = {"type": "header", "t": 0.0, "format_version": FORMAT_VERSION, "name": name, "pid": pid,
+              "hostname": socket.gethostname(), "started": started, "source": "blipmon run",
+              "blipmon": blipmon.__version__, "written_by": "launcher"}  # fmt: skip
+    tmp = run_dir / (EVENTS + ".tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write((json.dumps(header, separators=(",", ":")) + "\n").encode())
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as src:
+                shutil.copyfileobj(src, out)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True
+
+
+def end_statuses(run_dir: Path) -> list[str]:
+    """The statuses of every ``end`` record in the run (one per rank), read line by line, never all at once."""
+    out: list[str] = []
+    try:
+        with open(run_dir / EVENTS, "rb") as fh:
+            for line in fh:
+                if b'"end"' not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("type") == "end" and isinstance(rec.get("status"), str):
+                    out.append(rec["status"])
+    except OSError:
+        pass
+    return out
 
 
 def append_exit(run_dir: Path, returncode: int) -> None:
@@ -477,6 +651,11 @@ def append_exit(run_dir: Path, returncode: int) -> None:
             rec["signal"] = f"SIG{-returncode}"
     else:
         rec["code"] = returncode
+    append_record(run_dir, rec, what="the exit")
+
+
+def append_record(run_dir: Path, rec: dict[str, Any], *, what: str = "how the run ended") -> bool:
+    """Append one record from the parent, on a line of its own; says so (never raises) when it cannot."""
     path = run_dir / EVENTS
     try:
         # A child killed mid-line leaves a partial record: end it so ours is a line of its own.
@@ -484,7 +663,10 @@ def append_exit(run_dir: Path, returncode: int) -> None:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(("\n" if needs_newline else "") + json.dumps(rec, separators=(",", ":")) + "\n")
     except OSError as e:
-        print(f"blipmon: could not record the exit of {run_dir}: {e}", file=sys.stderr)
+        lead = "disk full: " if is_disk_full(e) else ""
+        print(f"blipmon: {lead}could not record {what} of {run_dir}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _last_byte(path: Path) -> bytes:
