@@ -636,21 +636,28 @@ def _layer_costs(
     return tuple(out)
 
 
-def _fake_batch(model: Any, cfg: dict[str, Any], spec: Any) -> dict[str, torch.Tensor]:
-    """A batch with the run's shapes: real ids, masks and labels; fake pixels (``runner.data`` decides shapes)."""
+def caption_dataset(cfg: dict[str, Any], spec: Any, n: int | None = None) -> Any:
+    """The run's synthetic data as the estimator sees it: ``runner.data``'s own dataset on the spec's architecture.
+
+    Its captions hold only ordinary token ids (never the image placeholder or another special id), exactly as the
+    run's; ``n`` items (default: one batch).
+    """
     from blipmon.runner.data import SyntheticCaptions
 
-    t = cfg["train"]
-    bs = t["batch_size"]
-    arch = spec.arch
-    ds = SyntheticCaptions(
-        arch,
+    return SyntheticCaptions(
+        spec.arch,
         spec.family,
-        max(bs, 1),
+        max(cfg["train"]["batch_size"], 1) if n is None else n,
         caption_tokens(cfg),
         cfg["runtime"]["seed"],
         image_placeholders=cfg["data"]["image_placeholders"],
     )
+
+
+def _fake_batch(model: Any, cfg: dict[str, Any], spec: Any) -> dict[str, torch.Tensor]:
+    """A batch with the run's shapes: real ids, masks and labels; fake pixels (``runner.data`` decides shapes)."""
+    bs = cfg["train"]["batch_size"]
+    ds = caption_dataset(cfg, spec)
     items = [ds[i] for i in range(min(bs, 2))]
     batch: dict[str, torch.Tensor] = {}
     mode = _fake_mode_of(model)
