@@ -367,12 +367,18 @@ def test_launcher_sweep_of_a_preset_that_does_not_validate_says_why(
     FakeSweep.started = []
     app = BlipmonApp(LauncherScreen(tmp_path / "profiles"))
 
+    def errors() -> list[str]:
+        # What the user is told (run_test hides toasts, so read the app's notifications, which the toasts show).
+        return [str(n.message) for n in app._notifications if n.severity == "error"]
+
     async def script(pilot: Any) -> None:
         _highlight(pilot, "preset:tiny/blip2-opt")
         await pilot.pause()
         await pilot.press("w", "g")
-        for _ in range(20):
-            await pilot.pause(0.05)
+        await wait_until(pilot, lambda: bool(errors()), "an error notification")
+        # One error, and it is the reason validation gave: which preset, and what is wrong with it.
+        [why] = errors()
+        assert why.startswith("the sweep was not started:") and "tiny/x: broken" in why, why
         assert isinstance(pilot.app.screen, LauncherScreen)
 
     drive(app, script, size=(110, 40))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 
 from blipmon.runner.batch_check import watch_image_placeholders
@@ -76,16 +79,26 @@ def test_one_row_without_placeholders_is_enough() -> None:
     assert len(seen) == 1
 
 
-def test_nothing_the_check_does_reaches_the_forward() -> None:
+@pytest.mark.parametrize("failure", ["raises", "warning-as-error"])
+def test_nothing_the_check_does_reaches_the_forward(failure: str) -> None:
     """A failing note or a warning made an error (``-W error``) must not break the user's training step."""
     model, _, bare = _model_and_batches("tiny/blip2-opt")
+    model.eval()  # no dropout: the same batch gives the same loss with and without the check
+    expected = model(**bare).loss
+    calls: list[str] = []
 
-    def failing(_text: str) -> None:
-        raise OSError("disk full")
+    def failing(text: str) -> None:
+        calls.append(text)
+        if failure == "raises":
+            raise OSError("disk full")
+        warnings.warn(text, UserWarning, stacklevel=2)
 
     watch_image_placeholders(model, failing)
-    out = model(**bare)
-    assert out.loss is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(**bare)
+    assert len(calls) == 1 and "without image placeholder tokens" in calls[0]  # the check ran, and its note failed
+    assert torch.equal(out.loss, expected)  # the forward went on as if nothing had been watching
 
 
 def test_handles_remove_a_hook_that_never_ran() -> None:
