@@ -1,5 +1,10 @@
 """Text for people: ``show``'s summary of one run and ``compare``'s table of several.
 
+Both print what a profile says (a run's name, an error message, notes, a GPU's name, the folder),
+and a profile is anyone's file: every line goes out through ``safe_text.one_line``, so an escape
+sequence in a name cannot retitle or clear the terminal ``show`` prints to. JSON needs nothing
+(``json.dumps`` writes control characters as ``\\u001b``).
+
 The comparison is computed once as rows of raw numbers (``compare_rows``) and only then rendered as
 a terminal table, markdown, CSV or JSON, so every format — and the dashboard's compare screen —
 shows the same figures.
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blipmon.core.run import CATEGORIES, PHASES, RunData, phase_total
+from blipmon.core.safe_text import one_line
 from blipmon.core.units import GIB, MIB, fmt_bytes, fmt_seconds
 
 
@@ -170,7 +176,7 @@ def _delta(v: Any, base: Any, kind: str) -> str:
 
 def render_compare(runs: list[RunData], fmt: str = "table") -> str:
     rows = compare_rows(runs)
-    names = [r.name for r in runs]
+    names = [one_line(r.name) for r in runs]
     if fmt == "json":
         return json.dumps(
             {"runs": [{"name": r.name, "path": str(r.path) if r.path else None} for r in runs],
@@ -182,21 +188,26 @@ def render_compare(runs: list[RunData], fmt: str = "table") -> str:
         w = csv.writer(buf)
         w.writerow(["metric", *names])
         for row in rows:
-            w.writerow([row.label, *("" if v is None else v for v in row.values)])
+            w.writerow(
+                [row.label, *("" if v is None else one_line(v) if isinstance(v, str) else v for v in row.values)]
+            )
         return buf.getvalue()
     table: list[list[str]] = []
     for row in rows:
         best = row.best_index()
         cells = []
         for i, v in enumerate(row.values):
-            text = _fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else "")
+            text = one_line(_fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else ""))
             if best == i:
                 text = f"**{text}**" if fmt == "markdown" else f"{text} *"
             cells.append(text)
         table.append([row.label, *cells])
     header = ["", *names]
     if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines = [
+            "| " + " | ".join(c.replace("|", "\\|") for c in header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table]
         return "\n".join(lines) + "\n\n" + _legend(markdown=True) + "\n"
     return _aligned([header, *table]) + "\n" + _legend(markdown=False) + "\n"
@@ -277,7 +288,7 @@ def render_show(run: RunData) -> str:
         lines.append(f"note     {n}")
     for w in run.warnings:
         lines.append(f"warning  {w}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(one_line(line) for line in lines) + "\n"
 
 
 def _outcome(run: RunData) -> str:
@@ -294,7 +305,7 @@ def _outcome(run: RunData) -> str:
         if o.get("requested_bytes"):
             text += f" trying to allocate {fmt_bytes(o['requested_bytes'])}"
     if run.error and st == "error":
-        text += f": {run.error.get('message', '')[:300]}"
+        text += f": {str(run.error.get('message', ''))[:300]}"
     return text + (f" ({code})" if code else "")
 
 

@@ -15,7 +15,10 @@ No Textual here (an import-linter contract says so): the same sources drive benc
 from __future__ import annotations
 
 import bisect
+import codecs
 import json
+import os
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -30,11 +33,15 @@ import numpy as np
 
 from blipmon.core.profile import EVENTS, LOG, EventReader, ProfileError
 from blipmon.core.run import PHASES, RunData, phase_total
+from blipmon.core.safe_text import one_line
 from blipmon.core.schedule import schedule
 from blipmon.core.timeline import ACTIVITIES, PHASE_ACTIVITY
+from blipmon.core.units import fmt_bytes
 
 Clock = Callable[[], float]
 LOG_LINES = 400
+LOG_TAIL_BYTES = 1 << 20  # the most of child.log read at once; beyond it the start is skipped (and said)
+STALL_SECONDS = 10.0  # a followed run that wrote no record for this long is said to have stalled
 
 
 class Prefix(Sequence[Any]):
@@ -261,6 +268,65 @@ def _num_or(v: Any, default: float = -1.0) -> float:
 
 
 @dataclass(frozen=True)
+class Stall:
+    """A followed run that has written no record for ``seconds``, and what its process is doing.
+
+    ``process`` is what psutil says of the pid in the run's header: ``alive`` (running or
+    sleeping: busy, or hung), ``stopped`` (SIGSTOP, or a debugger), ``gone`` (ended, or the pid now
+    belongs to a newer process), ``elsewhere`` (another host: it cannot be checked from here) or
+    ``unknown`` (no header yet, or no pid in it).
+    """
+
+    seconds: int
+    process: str
+    pid: int | None = None
+    host: str | None = None
+
+    def text(self) -> str:
+        """One line for the header: how long nothing came, and whether the process is alive."""
+        head = f"no data for {self.seconds} s"
+        pid = self.pid
+        return head + {
+            "alive": f" · pid {pid} alive (busy or hung?)",
+            "stopped": f" · pid {pid} stopped (SIGSTOP? `kill -CONT {pid}` resumes it)",
+            "gone": f" · pid {pid} has ended",
+            "elsewhere": f" · its process runs on {one_line(self.host)}: not checked from here",
+        }.get(self.process, "")
+
+
+def process_state(pid: Any, host: Any, started: Any) -> str:
+    """What the process on ``pid`` (from a run's header) is doing: see ``Stall.process``.
+
+    A pid may have been reused since the run began, so a process created after the header's
+    ``started`` stamp (written after the process started) is not the run's.
+    """
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return "unknown"
+    if isinstance(host, str) and host and host != socket.gethostname():
+        return "elsewhere"
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        status = proc.status()
+        created = proc.create_time()
+    except psutil.NoSuchProcess:
+        return "gone"
+    except (psutil.AccessDenied, OSError):
+        return "alive"  # it exists (someone else's): that is all we can tell
+    if isinstance(started, (int, float)) and created > float(started) + _START_SLACK_S:
+        return "gone"
+    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+        return "gone"
+    if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+        return "stopped"
+    return "alive"
+
+
+_START_SLACK_S = 2.0  # clock rounding between a process's creation time and the stamp it wrote
+
+
+@dataclass(frozen=True)
 class ReplayState:
     """Where a replay stands: the playhead in run seconds, the speed, and how much is read yet."""
 
@@ -305,6 +371,7 @@ class Snapshot:
     log: tuple[str, ...] = ()
     replay: ReplayState | None = None
     problem: str | None = None  # why the run cannot be read any more, in the user's words
+    stall: Stall | None = None  # a followed run that has written nothing for a while, and its process
     data_version: int = 0  # changes only when samples, phases or steps do
     index: PhaseIndex | None = field(default=None, repr=False, compare=False)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -517,49 +584,103 @@ class RunSource(ABC):
 
 class LogTail:
     """The last lines of a growing text file, read incrementally; carriage returns end lines too,
-    so a progress bar redrawn with ``\\r`` shows as its latest state rather than one huge line."""
+    so a progress bar redrawn with ``\\r`` shows as its latest state rather than one huge line.
 
-    def __init__(self, path: Path, keep: int = LOG_LINES) -> None:
+    Only the newest ``budget`` bytes are ever read at once: when more than that is waiting (a
+    replay of a run that logged 30,000 warnings before its traceback, or an attach to a long run),
+    the start is skipped and ``snapshot()`` begins with a line saying how much, so what ended the
+    run is what the view shows. Every line comes out through ``safe_text.one_line``: escape
+    sequences a child printed never reach the terminal, other control characters are made visible.
+    """
+
+    def __init__(self, path: Path, keep: int = LOG_LINES, budget: int = LOG_TAIL_BYTES) -> None:
         self.path = path
         self.lines: deque[str] = deque(maxlen=keep)
+        self.budget = max(int(budget), 1)
+        self.skipped = 0  # bytes at the start of the file left out to reach its tail (none shown)
         self._offset = 0
         self._partial = ""
+        self._decoder = _utf8_decoder()
         self.version = 0
 
     def poll(self) -> bool:
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read(1 << 20)
+                size = os.fstat(fh.fileno()).st_size
+                if size < self._offset:  # rewritten from the start: read it afresh
+                    self._restart(0, 0)
+                if size - self._offset > self.budget:
+                    start = size - self.budget
+                    fh.seek(start)
+                    data = fh.read(self.budget)
+                    # The line the cut falls in is partly skipped: drop it whole (unless it is all there is).
+                    cut = data.find(b"\n")
+                    drop = cut + 1 if 0 <= cut < len(data) - 1 else 0
+                    self._restart(start + len(data), start + drop)  # lines read before are cleared too
+                    data = data[drop:]
+                else:
+                    fh.seek(self._offset)
+                    data = fh.read(self.budget)
+                    self._offset += len(data)
         except OSError:
             return False
         if not data:
             return False
-        self._offset += len(data)
-        text = self._partial + data.decode("utf-8", errors="replace")
+        text = self._partial + self._decoder.decode(data)
         parts = text.replace("\r\n", "\n").split("\n")
         self._partial = parts.pop()
         for part in parts:
             segs = [s for s in part.split("\r") if s.strip()]
-            self.lines.append(segs[-1] if segs else "")
+            self.lines.append(one_line(segs[-1]) if segs else "")
         self.version += 1
         return True
 
+    def _restart(self, offset: int, skipped: int) -> None:
+        self.lines.clear()
+        self._partial = ""
+        self._decoder = _utf8_decoder()
+        self._offset = offset
+        self.skipped = skipped
+
+    def skipped_line(self) -> str | None:
+        """What the view says in place of the skipped start, or None when nothing was skipped."""
+        if not self.skipped:
+            return None
+        return (
+            f"[blipmon: {self.path.name} is long: its first {fmt_bytes(self.skipped)} ({self.skipped:,} bytes) "
+            f"are skipped here; the whole log is {one_line(self.path)}]"
+        )
+
     def snapshot(self) -> tuple[str, ...]:
-        tail = (self._partial.split("\r")[-1],) if self._partial.strip() else ()
-        return tuple(self.lines) + tail
+        head = self.skipped_line()
+        tail = (one_line(self._partial.split("\r")[-1]),) if self._partial.strip() else ()
+        return ((head,) if head else ()) + tuple(self.lines) + tail
+
+
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    """UTF-8 across reads: a character split between two reads is decoded whole; invalid bytes become U+FFFD."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 # -- following a file ----------------------------------------------------------------------------
 
 
 class FileFollowSource(RunSource):
-    """A run directory as it is being written, by our own child (``live``) or anyone's (``attach``)."""
+    """A run directory as it is being written, by our own child (``live``) or anyone's (``attach``).
 
-    def __init__(self, run_dir: Path, *, mode: str = "attach", clock: Clock = time.time) -> None:
+    A run that writes nothing for ``stall_after`` seconds (its sampler alone writes several records a
+    second) gets a ``Stall`` in its snapshots, with what its process is doing, until records come again.
+    The wait starts from the events file's last change, so attaching to a run stopped an hour ago
+    says so at once.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, mode: str = "attach", clock: Clock = time.time, stall_after: float = STALL_SECONDS
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.mode = mode
         self.clock = clock
+        self.stall_after = stall_after
         self.run = RunData(path=self.run_dir)
         self.reader = EventReader(self.run_dir)
         self.log = LogTail(self.run_dir / LOG)
@@ -571,11 +692,19 @@ class FileFollowSource(RunSource):
         self._problem: str | None = None
         self._last_second = -1
         self._last: Snapshot | None = None
+        self._stall: Stall | None = None
+        # When the last record arrived, on ``clock``: the file's age (in real time) before now.
+        try:
+            age = max(time.time() - (self.run_dir / EVENTS).stat().st_mtime, 0.0)
+        except OSError:
+            age = 0.0
+        self._last_data = clock() - age
 
     def poll(self) -> Snapshot:
+        arrived = 0
         if self._problem is None:
             try:
-                self.run.follow(self.reader)
+                arrived = self.run.follow(self.reader)
             except ProfileError as e:
                 self._problem = str(e)
         log_changed = self.log.poll()
@@ -583,13 +712,14 @@ class FileFollowSource(RunSource):
         counts = (len(run.samples), len(run.phases), len(run.steps), len(run.rank_steps), len(run.notes))
         status = run.status if run.header else "starting"
         now = self._elapsed()
+        stall = self._check_stall(arrived, status)
         changed = counts != self._counts or status != self._status or log_changed or int(now) != self._last_second
-        changed = changed or (self._last is not None and self._last.problem != self._problem)
+        changed = changed or (self._last is not None and self._last.problem != self._problem) or stall != self._stall
         if counts[:4] != self._counts[:4]:
             self._data_version += 1
         if changed or self._last is None:
             self._version += 1
-            self._counts, self._status, self._last_second = counts, status, int(now)
+            self._counts, self._status, self._last_second, self._stall = counts, status, int(now), stall
             self.index.extend(run.phases)
             self._last = _snapshot_of(
                 run,
@@ -601,8 +731,23 @@ class FileFollowSource(RunSource):
                 self.log.snapshot(),
                 self._problem,
                 index=self.index,
+                stall=stall,
             )
         return self._last
+
+    def _check_stall(self, arrived: int, status: str) -> Stall | None:
+        """A ``Stall`` once nothing has arrived for ``stall_after`` s while the run is not over; else None."""
+        t = self.clock()
+        if arrived:
+            self._last_data = t
+            return None
+        quiet = t - self._last_data
+        if status not in ("running", "starting") or quiet < self.stall_after:
+            return None
+        h = self.run.header
+        pid = h.get("pid") if isinstance(h.get("pid"), int) else None
+        host = h.get("hostname") if isinstance(h.get("hostname"), str) else None
+        return Stall(int(quiet), process_state(pid, host, h.get("started")), pid, host)
 
     def _elapsed(self) -> float:
         run = self.run
@@ -628,6 +773,7 @@ def _snapshot_of(
     replay: ReplayState | None = None,
     upto: float | None = None,
     index: PhaseIndex | None = None,
+    stall: Stall | None = None,
 ) -> Snapshot:
     arrays = run.samples.arrays()
     ns, nph, nst, nrs = n if n is not None else (len(arrays["t"]), len(run.phases), len(run.steps), len(run.rank_steps))
@@ -669,6 +815,7 @@ def _snapshot_of(
         log=log,
         replay=replay,
         problem=problem,
+        stall=stall,
         index=index,
     )
 
@@ -901,6 +1048,8 @@ __all__ = [
     "ReplayState",
     "RunSource",
     "SPEEDS",
+    "STALL_SECONDS",
     "Snapshot",
+    "Stall",
     "open_source",
 ]

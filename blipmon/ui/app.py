@@ -14,9 +14,11 @@ from typing import Any
 
 from textual.app import App
 from textual.binding import Binding
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
 from blipmon.core.profile import ProfileError
+from blipmon.core.safe_text import one_line, printable
 from blipmon.core.source import FileFollowSource, ReplaySource, RunSource
 from blipmon.ui.control import LaunchError, LiveRun
 from blipmon.ui.export import export_path
@@ -48,6 +50,23 @@ class BlipmonApp(App[Any]):
             self.push_screen(LauncherScreen())
         else:
             self.push_screen(self.first, self.exit)
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Every notification as plain text, whatever the caller asked (``markup`` is ignored).
+
+        Notifications carry file names, run names and error messages (``could not delete
+        exp[v2]: …``): read as markup, ``[/INST]`` in a message would raise instead of showing,
+        and an escape sequence would reach the terminal. None of ours needs markup.
+        """
+        super().notify(printable(message), title=one_line(title), severity=severity, timeout=timeout, markup=False)
 
     def action_export_svg(self) -> None:
         view = getattr(self.screen, "export_name", None) or type(self.screen).__name__.removesuffix("Screen").lower()

@@ -25,6 +25,7 @@ from blipmon.core import timeline as tl
 from blipmon.core.profile import ProfileError
 from blipmon.core.report import _delta, _fmt, compare_rows
 from blipmon.core.run import RunData, load_run
+from blipmon.core.safe_text import one_line
 from blipmon.core.units import fmt_bytes
 from blipmon.ui import theme
 from blipmon.ui.dialogs import HelpScreen, binding_keys
@@ -43,7 +44,8 @@ def table_cells(runs: list[RunData]) -> list[list[Text]]:
         best = row.best_index()
         cells = [Text(row.label, style="bold")]
         for i, v in enumerate(row.values):
-            text = _fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else "")
+            # text rows (status, device, where it ran out) are the profiles' words: one line, no controls
+            text = one_line(_fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else ""))
             if best == i:
                 cells.append(Text("★ " + text, style=Style(color="#87d787", bold=True)))
             else:
@@ -232,7 +234,9 @@ class CompareScreen(Screen[Any]):
         self.app.call_from_thread(self._loaded, runs)
 
     def _failed(self, message: str) -> None:
-        self.query_one("#compare-status", Static).update(f"[b red]cannot compare:[/b red] {message}")
+        self.query_one("#compare-status", Static).update(
+            Text.assemble(("cannot compare:", "bold red"), " ", one_line(message))
+        )
 
     def _loaded(self, runs: list[RunData]) -> None:
         self.runs = runs
@@ -243,7 +247,8 @@ class CompareScreen(Screen[Any]):
         for i, r in enumerate(runs):
             table.add_column(
                 Text(
-                    f"{i + 1}. {r.name[:26]}", style=Style(color=theme.RUN_COLORS[i % len(theme.RUN_COLORS)], bold=True)
+                    f"{i + 1}. {one_line(r.name)[:26]}",
+                    style=Style(color=theme.RUN_COLORS[i % len(theme.RUN_COLORS)], bold=True),
                 )
             )
         for cells in table_cells(runs):
@@ -254,7 +259,10 @@ class CompareScreen(Screen[Any]):
     def _update(self) -> None:
         n = len(self.runs)
         self.query_one("#compare-status", Static).update(
-            f"[b]{n} runs[/b]  ★ best of the row · (±%) against the first run · — not measured on that device"
+            Text.assemble(
+                (f"{n} runs", "bold"),
+                "  ★ best of the row · (±%) against the first run · — not measured on that device",
+            )
         )
         self.query_one(CompareTimeline).show(self.runs, self.metric, self.by_step)
 

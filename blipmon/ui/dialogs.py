@@ -1,14 +1,26 @@
-"""Small modal screens: a yes/no question, a choice between a few keyed answers, and the key list."""
+"""Small modal screens: a yes/no question, a choice between a few keyed answers, and the key list.
+
+Questions name runs and folders (``Delete the run exp[v2]…?``), so every text here is built as
+``rich.text.Text``, never parsed as markup, with control characters made visible.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
+
+from blipmon.core.safe_text import one_line, printable
+
+
+def _keyed(key: str, label: str) -> Text:
+    """``key  label`` with the key in bold: plain text, whatever the label holds."""
+    return Text.assemble((one_line(key), "bold"), "  ", one_line(label))
 
 
 class ChoiceScreen(ModalScreen[str | None]):
@@ -22,10 +34,10 @@ class ChoiceScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(self.question, classes="dialog-question")
+            yield Static(Text(printable(self.question)), classes="dialog-question")
             for key, label, _ in self.choices:
-                yield Static(f"[b]{key}[/b]  {label}", classes="dialog-choice")
-            yield Static("[b]esc[/b]  cancel", classes="dialog-choice")
+                yield Static(_keyed(key, label), classes="dialog-choice")
+            yield Static(_keyed("esc", "cancel"), classes="dialog-choice")
 
     def on_key(self, event: object) -> None:
         key = getattr(event, "key", "")
@@ -74,11 +86,15 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         width = max((len(k) for k, _ in self.keys), default=4)
-        lines = [f"[b]{self.title_text}[/b] — keys", ""]
-        lines += [f"  [b]{k:<{width}}[/b]  {d}" for k, d in self.keys]
-        lines += ["", "  [b]ctrl+s[/b]  save this view as SVG", "", "[dim]esc, q or ? closes this help[/dim]"]
+        text = Text.assemble((one_line(self.title_text), "bold"), " — keys\n")
+        for k, d in self.keys:
+            text.append("\n  ")
+            text.append_text(_keyed(f"{k:<{width}}", d))
+        text.append("\n\n  ")
+        text.append_text(_keyed("ctrl+s", "save this view as SVG"))
+        text.append("\n\nesc, q or ? closes this help", "dim")
         with Vertical(classes="dialog help"):
-            yield Static("\n".join(lines))
+            yield Static(text)
 
     def action_close(self) -> None:
         self.dismiss(None)

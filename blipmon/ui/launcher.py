@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.highlighter import Highlighter
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.events import DescendantFocus
 from textual.screen import Screen
 from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
@@ -31,6 +34,7 @@ from textual.widgets.option_list import Option
 from blipmon.core import config, presets
 from blipmon.core.profile import EVENTS, ProfileError, iter_run_dirs
 from blipmon.core.run import load_run
+from blipmon.core.safe_text import control_pictures, one_line, printable
 from blipmon.core.units import fmt_bytes
 from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
 from blipmon.ui.widgets.estimate import EstimatePanel
@@ -97,9 +101,18 @@ def list_sweeps(root: Path = PROFILES) -> list[SweepEntry]:
     if not root.is_dir():
         return []
     out: list[SweepEntry] = []
-    for p in root.iterdir():
+    try:
+        children = sorted(root.iterdir(), key=_listing_order)
+    except OSError:
+        return []
+    seen: set[Path] = set()
+    for p in children:
         if not (p / SWEEP_FILE).is_file():
             continue
+        real = _real(p)
+        if real in seen:  # a symlink to a folder already listed (or to profiles/ itself)
+            continue
+        seen.add(real)
         doc = read_sweep_file(p)
         if doc is None:
             continue
@@ -122,19 +135,75 @@ def list_sweeps(root: Path = PROFILES) -> list[SweepEntry]:
 
 
 def list_runs(root: Path = PROFILES) -> list[RunEntry]:
+    """The saved runs under ``root``, newest first, each once.
+
+    ``iter_run_dirs`` looks one folder deep (sweeps), so a symlink inside ``profiles/`` (to
+    ``profiles/`` itself, to a run, to a sweep) would list the same runs again under another
+    path: runs are told apart by their real path, and the path with the fewest hops is kept. An
+    unreadable folder lists nothing rather than failing the launcher.
+    """
+    try:
+        found = list(iter_run_dirs(root))
+    except OSError:
+        return []
+    best: dict[Path, Path] = {}
+    for p in found:
+        real = _real(p)
+        if real not in best or _listing_order(p) < _listing_order(best[real]):
+            best[real] = p
     out = []
-    for p in iter_run_dirs(root):
+    for p in found:
+        if best[_real(p)] != p:
+            continue
         e = read_entry(p)
         if e is not None:
             out.append(e)
     return out
 
 
+def _real(p: Path) -> Path:
+    """``p`` with every symlink resolved (a loop resolves as far as it goes: it is still one key)."""
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return p.absolute()
+
+
+def _listing_order(p: Path) -> tuple[int, int, str]:
+    """Which of several paths to one folder to show: not through a symlink, then the shortest, then by name."""
+    try:
+        hops = sum(1 for q in (p, *p.parents) if q.is_symlink())
+    except OSError:
+        hops = 0
+    return hops, len(p.parts), str(p)
+
+
 def display_value(v: Any) -> str:
-    """A setting as the user types it: the TOML value, without quotes around plain strings."""
+    """A setting as the user types it: the TOML value, without quotes around plain strings.
+
+    An empty string stays empty (the field shows nothing, and its hint is shown apart: ``setting_hint``).
+    A saved run's configuration is someone else's text: control characters are made visible.
+    """
     if isinstance(v, str):
-        return v
-    return config._toml_value(v)  # noqa: SLF001 - the one TOML writer the project has
+        return one_line(v)
+    return one_line(config._toml_value(v))  # noqa: SLF001 - the one TOML writer the project has
+
+
+# What a setting means where the schema has no help of its own (shown when its field has focus).
+_HINTS = {
+    "runtime.alloc_conf": "PYTORCH_CUDA_ALLOC_CONF for the child, e.g. max_split_size_mb:128; empty = PyTorch's default",
+}
+
+
+def setting_hint(key: str) -> str:
+    """What is allowed in ``key`` and what it means: the settings box shows it while the field has focus.
+
+    Never inside the field (as a placeholder): in an empty field, a placeholder such as ``a string``
+    reads as the value.
+    """
+    f = config.SCHEMA[key]
+    about = f.help or _HINTS.get(key, "")
+    return f"{key}: {f.allowed()}" + (f" — {about}" if about else "")
 
 
 def settings_of(cfg: dict[str, Any]) -> dict[str, str]:
@@ -178,8 +247,40 @@ def split_errors(message: str) -> tuple[dict[str, str], list[str]]:
     return by_key, rest
 
 
+def _row(marked: bool | None, name: str, detail: str | None = None) -> Text:
+    """A list row as plain text: folder and run names (``exp[lr=3e-4:final]``) are never markup.
+
+    ``marked``: a ``✓`` (True) or its blank (False) before the name; None: two spaces. The whole
+    name is shown; the list wraps one that is wider than it.
+    """
+    mark = "  " if marked is None else ("✓ " if marked else "  ")
+    text = Text.assemble((mark, "bold"), one_line(name))
+    if detail is not None:
+        text.append("\n    ")
+        text.append(one_line(detail), "dim")
+    return text
+
+
+def _group_title(title: str, root: Path) -> Text:
+    return Text.assemble((title, "bold"), " ", (f"({one_line(root)}/)", "dim"))
+
+
 def _key_id(key: str) -> str:
     return "set-" + key.replace(".", "--")
+
+
+class ControlPictures(Highlighter):
+    """Shows a control character in an input field as its picture (``␛``), never as itself.
+
+    A value can hold one (pasted, or a saved run's configuration edited by hand); written to the
+    terminal as it is, ESC would start an escape sequence. One character for one, so the field's
+    cursor stays where the value says it is.
+    """
+
+    def highlight(self, text: Text) -> None:
+        shown = control_pictures(text.plain)
+        if shown != text.plain:
+            text.plain = shown
 
 
 class SettingRow(Vertical):
@@ -192,10 +293,12 @@ class SettingRow(Vertical):
         self.error: str | None = None
 
     def compose(self) -> ComposeResult:
-        f = config.SCHEMA[self.key]
         with Horizontal(classes="setting-line"):
-            yield Static(self.key, classes="setting-key")
-            yield Input(self.value, id=_key_id(self.key), placeholder=f.allowed())
+            yield Static(Text(self.key), classes="setting-key")
+            # No placeholder: an empty setting shows empty (its hint is under the box while it has focus).
+            inp = Input(self.value, id=_key_id(self.key), highlighter=ControlPictures())
+            inp.tooltip = setting_hint(self.key)
+            yield inp
         yield Static("", classes="setting-error")
 
     def on_mount(self) -> None:
@@ -205,7 +308,7 @@ class SettingRow(Vertical):
         self.error = text
         self.set_class(text is not None, "-invalid")
         for err in self.query(".setting-error").results(Static):
-            err.update(text or "")
+            err.update(Text(printable(text or "")))  # names the value typed: never markup
             err.display = text is not None
 
 
@@ -278,26 +381,24 @@ class LauncherScreen(Screen[None]):
         options: list[Option | None] = []
         names = presets.names()
         for group in presets.GROUPS:
-            options.append(Option(f"[b]{group}/[/b]", id=f"group:{group}", disabled=True))
+            options.append(Option(Text(f"{group}/", style="bold"), id=f"group:{group}", disabled=True))
             for n in names:
                 if n.startswith(group + "/"):
-                    mark = "[b]✓[/b]" if n in self.marked_presets else " "
-                    options.append(Option(f"{mark} {n}", id=f"preset:{n}"))
+                    options.append(Option(_row(n in self.marked_presets, n), id=f"preset:{n}"))
         if self.sweeps:
-            options.append(Option(f"[b]saved sweeps[/b] [dim]({self.root}/)[/dim]", id="group:sweeps", disabled=True))
+            options.append(Option(_group_title("saved sweeps", self.root), id="group:sweeps", disabled=True))
         for sw in self.sweeps:
             state = "running" if sw.running else "done"
-            options.append(
-                Option(f"  {sw.path.name[:34]}\n    [dim]{state:<8} {sw.summary[:40]}[/dim]", id=f"sweep:{sw.path}")
-            )
-        options.append(Option(f"[b]saved runs[/b] [dim]({self.root}/)[/dim]", id="group:runs", disabled=True))
+            options.append(Option(_row(None, sw.path.name, f"{state:<8} {sw.summary}"), id=f"sweep:{sw.path}"))
+        options.append(Option(_group_title("saved runs", self.root), id="group:runs", disabled=True))
         if not self.runs:
-            options.append(Option("  [dim]none yet: r runs the selected preset[/dim]", id="group:none", disabled=True))
+            options.append(
+                Option(Text("  none yet: r runs the selected preset", style="dim"), id="group:none", disabled=True)
+            )
         for r in self.runs:
-            mark = "[b]✓[/b]" if r.path in self.marked else " "
             peak = fmt_bytes(r.peak) if r.peak is not None else "—"
             options.append(
-                Option(f"{mark} {r.path.name[:34]}\n    [dim]{r.status:<8} peak {peak}[/dim]", id=f"run:{r.path}")
+                Option(_row(r.path in self.marked, r.path.name, f"{r.status:<8} peak {peak}"), id=f"run:{r.path}")
             )
         ol.clear_options()
         ol.add_options(options)
@@ -324,7 +425,7 @@ class LauncherScreen(Screen[None]):
         if oid.startswith("preset:"):
             name = oid[7:]
             self.base = presets.get(name)
-            details.update(f"[b]{name}[/b]\n{self.base.get('description', '')}")
+            details.update(Text.assemble((name, "bold"), "\n", one_line(self.base.get("description", ""))))
         elif oid.startswith("run:"):
             entry = next((r for r in self.runs if f"run:{r.path}" == oid), None)
             if entry is None:
@@ -332,7 +433,11 @@ class LauncherScreen(Screen[None]):
             self.base = dict(entry.config) or {"name": entry.name}
             running = " — enter attaches" if entry.status == "running" else " — enter replays"
             details.update(
-                f"[b]{entry.name}[/b]  {entry.status}, peak {fmt_bytes(entry.peak)}{running}\n[dim]{entry.path}[/dim]"
+                Text.assemble(
+                    (one_line(entry.name), "bold"),
+                    f"  {one_line(entry.status)}, peak {fmt_bytes(entry.peak)}{running}\n",
+                    (one_line(entry.path), "dim"),
+                )
             )
         elif oid.startswith("sweep:"):
             self._select_sweep(oid)
@@ -354,7 +459,11 @@ class LauncherScreen(Screen[None]):
             return
         state = "running — enter follows its queue" if sweep.running else "done — enter opens its queue"
         self.query_one("#details", Static).update(
-            f"[b]{sweep.path.name}[/b]  sweep, {state}\n{sweep.summary}\n[dim]{sweep.path}[/dim]"
+            Text.assemble(
+                (one_line(sweep.path.name), "bold"),
+                f"  sweep, {state}\n{one_line(sweep.summary)}\n",
+                (one_line(sweep.path), "dim"),
+            )
         )
         self.base, self.original, self.valid_cfg = {}, {}, None
         self.query_one("#settings", VerticalScroll).remove_children()
@@ -375,6 +484,16 @@ class LauncherScreen(Screen[None]):
             out[key] = inp.value
         return out
 
+    def on_descendant_focus(self, event: DescendantFocus) -> None:
+        """The focused setting's hint (what is allowed, what it means) under the settings box."""
+        widget = event.widget
+        box = self.query_one("#settings", VerticalScroll)
+        if isinstance(widget, Input) and (widget.id or "").startswith("set-"):
+            key = widget.id[4:].replace("--", ".")
+            box.border_subtitle = Text(setting_hint(key)) if key in config.SCHEMA else None
+        else:
+            box.border_subtitle = None
+
     @on(Input.Changed, "#settings Input")
     def _changed(self, event: Input.Changed) -> None:
         self.revalidate()
@@ -388,10 +507,14 @@ class LauncherScreen(Screen[None]):
         status.set_class(cfg is None, "-bad")
         if cfg is not None:
             changed = sum(1 for k, v in self.edited().items() if v != self.original.get(k))
-            status.update(f"✓ valid{f' ({changed} changed)' if changed else ''} — [b]r[/b] runs it")
+            status.update(
+                Text.assemble(f"✓ valid{f' ({changed} changed)' if changed else ''} — ", ("r", "bold"), " runs it")
+            )
         else:
             n = len(by_key) + len(rest)
-            status.update(f"✗ {n} problem{'s' if n != 1 else ''}: " + "; ".join(rest or list(by_key.values()))[:300])
+            # The messages quote what was typed (``x[/]``): plain text, or the edit would raise here and be lost.
+            problems = "; ".join(rest or list(by_key.values()))
+            status.update(Text(one_line(f"✗ {n} problem{'s' if n != 1 else ''}: " + problems)[:300]))
         self.query_one(EstimatePanel).show_config(cfg)
 
     # -- actions ------------------------------------------------------------------------------------

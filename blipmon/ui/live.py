@@ -23,11 +23,12 @@ from textual.screen import Screen
 from textual.widgets import Footer, Log, Static
 
 from blipmon.core.ranks import ALL, next_rank, rank_view
+from blipmon.core.safe_text import one_line
 from blipmon.core.source import RunSource, Snapshot
 from blipmon.ui.control import LiveRun, exit_code_for
 from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
 from blipmon.ui.widgets.phase_bars import PhaseBars
-from blipmon.ui.widgets.run_header import RunHeader, banner_text
+from blipmon.ui.widgets.run_header import RunHeader, banner_content, banner_text
 from blipmon.ui.widgets.steps import StepCharts
 from blipmon.ui.widgets.timeline import TimelineChart
 
@@ -43,8 +44,12 @@ class ChildLog(Log):
 
 
 def log_lines(snap: Snapshot) -> tuple[str, ...]:
-    """The run's notes (what blipmon noticed: a batch without image placeholders, say) above the child's log."""
-    return tuple(f"blipmon note: {n}" for n in snap.notes) + tuple(snap.log)
+    """The run's notes (what blipmon noticed: a batch without image placeholders, say) above the child's log.
+
+    Both come from the profile: one line each, control characters made visible (``LogTail`` has
+    already done so for the log; ``one_line`` leaves clean text as it is). ``Log`` shows text, never markup.
+    """
+    return tuple(f"blipmon note: {one_line(n)}" for n in snap.notes) + tuple(one_line(ln) for ln in snap.log)
 
 
 class RunResult:
@@ -132,7 +137,7 @@ class RunScreen(Screen[RunResult]):
             self._banner_shown = text
             banner = self.query_one("#banner", Static)
             banner.display = text is not None
-            banner.update(text or "")
+            banner.update(banner_content(text or ""))
             banner.set_class(snap.oom is not None, "-oom")
         lines = log_lines(snap)
         if lines != self._log_shown:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
-from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -45,6 +44,7 @@ from blipmon.commands.sweep import EXIT_CODES, load_sweep_runs, read_sweep_file,
 from blipmon.core.profile import EventReader, ProfileError
 from blipmon.core.report import oom_where
 from blipmon.core.run import RunData, load_run
+from blipmon.core.safe_text import one_line
 from blipmon.core.units import fmt_bytes, fmt_seconds
 from blipmon.ui.control import DetachedProcess, LaunchError
 from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
@@ -480,38 +480,54 @@ COLUMNS = (("#", "index"), ("configuration", "name"), ("status", "status"), ("st
 
 
 def row_cells(row: QueueRow) -> tuple[Text, ...]:
-    """A queue row as the table's cells (pure, for tests)."""
-    note = row.note if len(row.note) <= 48 else row.note[:47] + "…"
+    """A queue row as the table's cells (pure, for tests).
+
+    ``Text``, never markup strings: names, statuses and notes come from ``sweep.json`` and the runs'
+    profiles (a status ``[/]``, an error quoting ``[/INST]``), with control characters made visible.
+    """
+    note = one_line(row.note)
+    note = note if len(note) <= 48 else note[:47] + "…"
+    name = one_line(row.name)
     return (
         Text(str(row.index), style="dim"),
-        Text(row.name[:28]),
-        Text(row.status, style=STATUS_STYLE.get(row.status, "")),
-        Text(row.steps),
+        Text(name if len(name) <= 28 else name[:27] + "…"),
+        Text(one_line(row.status), style=STATUS_STYLE.get(row.status, "")),
+        Text(one_line(row.steps)),
         Text(fmt_bytes(row.peak) if row.peak else "—"),
         Text(fmt_seconds(row.seconds) if row.seconds is not None else "—"),
         Text(note, style="dim"),
     )
 
 
-def header_text(state: QueueState, mode: str) -> str:
-    """The two lines above the queue: where the sweep writes, how far it is, elapsed and ETA."""
+def header_text(state: QueueState, mode: str) -> Text:
+    """The two lines above the queue: where the sweep writes, how far it is, elapsed and ETA.
+
+    Plain ``Text``: the folder and the statuses come from disk (a status ``[/]`` in a hand-edited
+    ``sweep.json`` is shown as it is, never read as markup).
+    """
     n = len(state.rows)
-    where = (
-        f"[b]sweep[/b] of {n} configuration{'s' if n != 1 else ''}  \\[{mode}]  "
-        f"[dim]{escape(str(state.sweep_dir))}[/dim]"
+    text = Text.assemble(
+        ("sweep", "bold"),
+        f" of {n} configuration{'s' if n != 1 else ''}  [{mode}]  ",
+        (one_line(state.sweep_dir), "dim"),
+        "\n",
     )
     if not state.readable:
-        return f"{where}\nstarting…"
+        text.append("starting…")
+        return text
     counts = state.counts()
     order = ("running", "queued", "ok", "oom", "error", "refused", "stopped", "killed", "not run")
     parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+    parts += [f"{k} {one_line(s)}" for s, k in counts.items() if s not in order]  # what a newer sweep may write
     done = sum(1 for r in state.rows if r.status in FINAL)
     if state.finished:
-        tail = f"[b]done[/b] in {fmt_seconds(state.elapsed)} — c compares"
+        text.append("done", "bold")
+        text.append(f" in {fmt_seconds(state.elapsed)} — c compares")
     else:
         eta = "ETA —" if state.eta is None else f"ETA {fmt_seconds(state.eta)}"
-        tail = f"{done}/{n} done · elapsed {fmt_seconds(state.elapsed)} · {eta}"
-    return f"{where}\n{tail}  ·  {' · '.join(parts)}"
+        text.append(f"{done}/{n} done · elapsed {fmt_seconds(state.elapsed)} · {eta}")
+    text.append(f"  ·  {' · '.join(parts)}")
+    return text
 
 
 class SweepScreen(Screen[SweepResult]):
@@ -662,13 +678,17 @@ class SweepScreen(Screen[SweepResult]):
         if row is None:
             detail.update("")
             return
-        text = Text.assemble((f"{row.index}. {row.name}", "bold"), "  ", (row.status, STATUS_STYLE.get(row.status, "")))
+        text = Text.assemble(
+            (f"{row.index}. {one_line(row.name)}", "bold"),
+            "  ",
+            (one_line(row.status), STATUS_STYLE.get(row.status, "")),
+        )
         if row.note:
-            text.append(f" — {row.note}")
+            text.append(f" — {one_line(row.note)}")
         if row.run_dir is not None:
             hint = "enter: its live view" if row.status == "running" and not self.replay else "enter: replay it"
             text.append("\n")
-            text.append(str(row.run_dir), "dim")
+            text.append(one_line(row.run_dir), "dim")
             text.append(f"  {hint}")
         detail.update(text)
 

@@ -14,10 +14,18 @@ from rich.style import Style
 from textual.strip import Strip
 from textual.widget import Widget
 
+from blipmon.core.safe_text import one_line
+
 
 def strip(parts: Iterable[tuple[str, Style | None]], width: int) -> Strip:
-    """A row from (text, style) runs, cropped or padded to ``width`` cells."""
-    segs = [Segment(text, style) for text, style in parts if text]
+    """A row from (text, style) runs, cropped or padded to ``width`` cells.
+
+    Segments go to the terminal as they are (no markup, but no filtering either), and many carry
+    text from a profile (a run's name, a GPU's name, a phase), so every run passes through
+    ``one_line``: an escape sequence in a name can neither retitle nor clear the user's terminal.
+    Text without control characters (all of ours) is passed through untouched.
+    """
+    segs = [Segment(one_line(text), style) for text, style in parts if text]
     return Strip(segs).crop_extend(0, width, None)
 
 

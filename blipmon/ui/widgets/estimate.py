@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from rich.text import Text
 from textual import work
 from textual.widgets import Static
 
 from blipmon.core.presets import LAB_CARD_BYTES
+from blipmon.core.safe_text import printable
 from blipmon.core.units import fmt_bytes
 
 LAB_CARD = LAB_CARD_BYTES["h100"]
@@ -47,9 +49,14 @@ def describe(est: Any, assumed_card: bool) -> str:
 
 
 class EstimatePanel(Static):
+    """The estimate line; plain text always (a failed estimate quotes an error, a config value, a path)."""
+
+    def show_text(self, text: str) -> None:
+        self.update(Text(printable(text)))
+
     def show_config(self, cfg: dict[str, Any] | None) -> None:
         text = estimate_text(cfg)
-        self.update(text)
+        self.show_text(text)
         if cfg is not None and text.endswith("estimating…"):
             self._estimate(cfg)
 
@@ -65,4 +72,4 @@ class EstimatePanel(Static):
             text = describe(est, assumed)
         except Exception as e:  # the estimate hits the same error the run would: say so, never crash
             text = f"estimate: not available ({str(e).splitlines()[0][:160]})"
-        self.app.call_from_thread(self.update, text)
+        self.app.call_from_thread(self.show_text, text)

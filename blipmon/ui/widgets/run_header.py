@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from rich.style import Style
+from rich.text import Text
 from textual.strip import Strip
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import RankView
+from blipmon.core.safe_text import printable
 from blipmon.core.source import Snapshot
 from blipmon.core.units import fmt_bytes
 from blipmon.ui import theme
@@ -20,6 +22,7 @@ from blipmon.ui.widgets.base import LinesWidget, strip
 
 _MODE = {"live": "live", "attach": "attached", "replay": "replay"}
 RANK_STYLE = Style(color="#000000", bgcolor="#5fd7d7", bold=True)
+STALL_STYLE = Style(color="#000000", bgcolor="#ffd75f", bold=True)
 
 
 def device_text(env: dict[str, Any]) -> str:
@@ -60,6 +63,9 @@ def header_lines(snap: Snapshot, width: int, rank_label: str = "", rank: int | N
     ]
     done, total, eta = snap.progress()
     line2: list[tuple[str, Style | None]] = []
+    if snap.stall is not None:  # first, where it is seen at 80 columns; the ETA would be a frozen guess
+        line2 += [(f"⚠ {snap.stall.text()}", STALL_STYLE), ("  ", None)]
+        eta = None
     if snap.replay is not None:
         r = snap.replay
         sym = "⏸" if r.paused else "▶"
@@ -120,7 +126,11 @@ class RunHeader(LinesWidget):
 
 
 def banner_text(snap: Snapshot) -> str | None:
-    """The OOM (or failure) banner, or None when there is nothing alarming to say."""
+    """The OOM (or failure) banner, or None when there is nothing alarming to say.
+
+    Plain text with the profile's words in it (an error message may hold ``[/INST]`` or an escape
+    sequence): show it with ``banner_content``, never as markup.
+    """
     o = snap.oom
     if o:
         req = o.get("requested_bytes")
@@ -132,3 +142,8 @@ def banner_text(snap: Snapshot) -> str | None:
     if snap.problem:
         return snap.problem
     return None
+
+
+def banner_content(text: str) -> Text:
+    """``banner_text`` as a widget shows it: plain text, control characters made visible."""
+    return Text(printable(text))
