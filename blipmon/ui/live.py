@@ -24,7 +24,7 @@ from textual.widgets import Footer, Log, Static
 
 from blipmon.core.ranks import ALL, next_rank, rank_view
 from blipmon.core.safe_text import one_line
-from blipmon.core.source import RunSource, Snapshot
+from blipmon.core.source import LOG_LINES, RunSource, Snapshot
 from blipmon.ui.control import LiveRun, exit_code_for
 from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
 from blipmon.ui.widgets.phase_bars import PhaseBars
@@ -106,7 +106,8 @@ class RunScreen(Screen[RunResult]):
         with Horizontal(id="lower"):
             yield PhaseBars(id="phases")
             yield StepCharts(id="steps")
-        yield ChildLog(id="log", max_lines=400, auto_scroll=True)
+        # the log's last LOG_LINES lines, plus room above them for the run's notes and the "skipped" line
+        yield ChildLog(id="log", max_lines=LOG_LINES + 64, auto_scroll=True)
         yield Footer()
 
     def on_mount(self) -> None:
