@@ -222,10 +222,11 @@ class Bf16Check:
 
 
 def target_cuda_indices(cfg: dict[str, Any]) -> list[int] | None:
-    """The torch CUDA indices a run will use (``None``: every visible GPU, as ``device_map = "auto"`` may).
+    """The torch CUDA indices a run will use (``None``: every visible GPU, as a load job's ``"auto"`` may).
 
     Mirrors ``runner.models.load_model``: one process loads onto its own device (torch index 0, or
-    the local rank under torchrun), an explicit map onto the indices it names.
+    the local rank under torchrun; a train job's ``"auto"`` means that too), an explicit map onto the
+    indices it names, a load or generate job's ``"auto"`` onto every visible GPU.
     """
     t = cfg["train"]
     if cfg["job"]["kind"] == "train" and t["strategy"] == "ddp" and t["devices"] > 1:
@@ -239,9 +240,9 @@ def target_cuda_indices(cfg: dict[str, Any]) -> list[int] | None:
             elif isinstance(where, str) and (where == "cuda" or where.startswith("cuda:")):
                 found.add(int(where[5:]) if where[5:].isdigit() else 0)
         return sorted(found)
-    if dm == "auto":
-        return None
-    return [0]
+    if dm == "auto" and cfg["job"]["kind"] != "train":
+        return None  # accelerate's "auto": every visible GPU, then the CPU
+    return [0]  # "auto" in a train job is the process's own GPU, as "cuda" is
 
 
 def bf16_capability(

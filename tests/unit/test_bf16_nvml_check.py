@@ -153,11 +153,12 @@ def test_cuda_s_own_order_is_not_guessed(parent: Any) -> None:
 def test_auto_and_ddp_check_every_gpu_they_use(parent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     parent(H100, V100)
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    auto = resolve("tiny/blip2-opt", ["train.precision=bf16-mixed", "model.device_map=auto"])
-    with pytest.raises(ConfigError, match="Tesla V100"):  # "auto" may spread onto the V100
+    auto = resolve("tiny/blip2-opt", ["job.kind=load", "model.dtype=bfloat16", "model.device_map=auto"])
+    with pytest.raises(ConfigError, match="Tesla V100"):  # a load job's "auto" may spread onto the V100
         preflight(auto)
     single = resolve("tiny/blip2-opt", ["train.precision=bf16-mixed", "model.device_map=cuda"])
     preflight(single)  # one process: torch index 0, the H100
+    preflight(resolve("tiny/blip2-opt", ["train.precision=bf16-mixed", "model.device_map=auto"]))  # train: its own
     assert launch.target_cuda_indices(resolve("tiny/blip2-opt", ["train.strategy=ddp", "train.devices=2"])) == [0, 1]
     assert launch.target_cuda_indices(resolve("tiny/blip2-opt", ['model.device_map={"" = 1}'])) == [1]
 
