@@ -269,9 +269,10 @@ def test_gpu_offload_presets_without_a_gpu_exit_2_with_a_plain_message(
     res = run_cli("run", preset, "--out", out)
     assert res.returncode == 2
     no_traceback(res.stderr)
-    # One plain line: DeepSpeed missing, or (installed) the GPU the preset's device map names.
+    # One plain line: DeepSpeed is installed (the test extra), so what is missing is the GPU the device map names.
     assert res.stderr.startswith("blipmon: ") and res.stderr.count("\n") == 1
-    assert "deepspeed_stage_2_offload" in res.stderr or "needs an NVIDIA GPU" in res.stderr
+    assert "needs an NVIDIA GPU" in res.stderr and "model.device_map = 'cuda'" in res.stderr
+    assert "--set model.device_map=cpu" in res.stderr
     assert not out.exists()
 
 

@@ -128,14 +128,23 @@ def screen_text(app: Any) -> str:
 
 
 def check_snapshot(name: str, text: str, update: bool) -> None:
-    """Compare with tests/ui/snapshots/NAME.txt; BLIPMON_SNAPSHOT_UPDATE=1 (or a missing file) writes it."""
+    """Compare with tests/ui/snapshots/NAME.txt; only BLIPMON_SNAPSHOT_UPDATE=1 writes it.
+
+    A missing file fails: a snapshot that wrote itself on first run would pass (or skip) whatever the screen
+    shows, and a deleted or misnamed one would go unnoticed. Making one is deliberate: run the test with
+    BLIPMON_SNAPSHOT_UPDATE=1, look at the file, commit it.
+    """
     path = SNAPSHOTS / f"{name}.txt"
-    if update or not path.exists():
+    if update:
         SNAPSHOTS.mkdir(exist_ok=True)
         path.write_text(text + "\n", encoding="utf-8")
-        if not update:
-            pytest.skip(f"wrote new snapshot {path.name}; check it in")
         return
+    if not path.exists():
+        pytest.fail(
+            f"no snapshot {path}: to create it, run this test with BLIPMON_SNAPSHOT_UPDATE=1, check the file "
+            "by eye and commit it (docs/testing.md)",
+            pytrace=False,
+        )
     expected = path.read_text(encoding="utf-8").rstrip("\n")
     assert text == expected, f"{name} differs from {path} (rerun with BLIPMON_SNAPSHOT_UPDATE=1 after checking)"
 
