@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import read_events
+from support import adamw_step_counter_bytes, optimizer_state_bytes, read_events, unique_storage_bytes
 
 from blipmon.core.report import render_compare, render_show
 from blipmon.core.run import PHASES, RunData, load_run
@@ -64,8 +64,19 @@ class Regression(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         return {"x": torch.randn(8, generator=g), "labels": torch.randn((), generator=g)}
 
 
-def check_four_phases(run: RunData, *, grads_kept_after_step: bool) -> None:
-    """The lab's memory story, phase by phase, for STEPS steps of ACCUM micro-batches."""
+def adamw_expected_bytes(model: torch.nn.Module) -> int:
+    """AdamW's state after its first step on a full fine-tune of ``model``, from the model itself: exp_avg and
+    exp_avg_sq like each parameter (2x the parameter bytes) plus torch's per-tensor step counter."""
+    params = list(model.parameters())
+    return 2 * unique_storage_bytes(params) + len(params) * adamw_step_counter_bytes()
+
+
+def check_four_phases(run: RunData, model: torch.nn.Module, optimizer: Any, *, grads_kept_after_step: bool) -> None:
+    """The lab's memory story, phase by phase, for STEPS steps of ACCUM micro-batches.
+
+    ``model`` is the module the trainer trained (built in this test) and ``optimizer`` the trainer's own AdamW:
+    the expected bytes come from them, never from the profile.
+    """
     assert [s["step"] for s in run.steps] == list(range(STEPS))
     got = [(p["step"], p["micro_step"], p["phase"]) for p in run.phases]
     expected = []
@@ -74,8 +85,11 @@ def check_four_phases(run: RunData, *, grads_kept_after_step: bool) -> None:
             expected += [(step, micro, ph) for ph in PHASES[:3]]
         expected.append((step, ACCUM - 1, "after_opt_step"))
     assert got == expected
-    params = run.phases[0]["params"]
-    assert params > 0 and all(p["params"] == params for p in run.phases)
+    params = unique_storage_bytes(model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 (4 bytes a parameter) all along
+    adamw = adamw_expected_bytes(model)
+    assert optimizer_state_bytes(optimizer) == adamw  # what torch allocated is what the formula says
+    assert all(p["params"] == params for p in run.phases)
     for p in run.phases:
         if p["phase"] == "after_fwd":
             assert p["acts"] > 0, p
@@ -83,15 +97,13 @@ def check_four_phases(run: RunData, *, grads_kept_after_step: bool) -> None:
             assert p["acts"] == 0, p  # nothing saved for backward outside forward..backward
         if p["phase"] in ("after_bwd", "after_opt_step"):
             assert p["grads"] == params, p  # a full fine-tune: one fp32 gradient per parameter
-        if p["step"] == 0 and p["phase"] != "after_opt_step":
-            assert p["optim"] == 0, p
-        if p["phase"] == "after_opt_step" or p["step"] > 0:
-            assert p["optim"] >= 2 * params, p  # AdamW: exp_avg and exp_avg_sq
+        before_first_step = p["step"] == 0 and p["phase"] != "after_opt_step"
+        assert p["optim"] == (0 if before_first_step else adamw), p
         assert p["host_rss"] > 0 and p["allocated"] is None  # CPU: no allocator figures
     first = run.phases[0]
     assert first["grads"] == 0
     step1_start = next(p for p in run.phases if p["step"] == 1)
-    assert (step1_start["grads"] > 0) is grads_kept_after_step
+    assert step1_start["grads"] == (params if grads_kept_after_step else 0)
     for s in run.steps:
         assert s["seconds"] > 0 and isinstance(s["loss"], float) and s["samples_per_s"] > 0
         assert s["micro_steps"] == ACCUM
@@ -147,12 +159,19 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     trainer.train()
     assert cb.run_dir is not None and cb.run_dir.parent == base / "profiles"
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"run": load_run(cb.run_dir), "logged": logged, "fallbacks": Checked.fallbacks, "cb": cb}
+    return {
+        "run": load_run(cb.run_dir),
+        "logged": logged,
+        "fallbacks": Checked.fallbacks,
+        "cb": cb,
+        "model": model,
+        "optimizer": trainer.optimizer,
+    }
 
 
 def test_trainer_callback_records_four_phases_per_micro_batch(trainer_run: dict[str, Any]) -> None:
     # The Trainer sets gradients to None right after the optimizer step.
-    check_four_phases(trainer_run["run"], grads_kept_after_step=False)
+    check_four_phases(trainer_run["run"], trainer_run["model"], trainer_run["optimizer"], grads_kept_after_step=False)
 
 
 def test_trainer_after_bwd_comes_from_the_end_of_backward_itself(trainer_run: dict[str, Any]) -> None:
@@ -273,7 +292,8 @@ def test_a_failure_inside_blipmon_never_stops_training(tmp_path: Path, monkeypat
 # -- Lightning -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    L = pytest.importorskip("lightning")
+    import lightning as L  # the test extra installs it: a broken install fails, never skips
+
     from blipmon.integrations.lightning import BlipmonCallback
 
     class FineTuner(L.LightningModule):
@@ -306,12 +326,14 @@ def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     trainer.fit(module, loader)
     assert cb.run_dir is not None
-    return {"run": load_run(cb.run_dir)}
+    return {"run": load_run(cb.run_dir), "model": module.model, "optimizer": trainer.optimizers[0]}
 
 
 def test_lightning_callback_records_the_lab_phases(lightning_run: dict[str, Any]) -> None:
     # Lightning zeroes gradients just before the next backward: they are still there at the next before_fwd.
-    check_four_phases(lightning_run["run"], grads_kept_after_step=True)
+    check_four_phases(
+        lightning_run["run"], lightning_run["model"], lightning_run["optimizer"], grads_kept_after_step=True
+    )
 
 
 def test_lightning_profile_reads_like_any_run(lightning_run: dict[str, Any]) -> None:
@@ -322,7 +344,8 @@ def test_lightning_profile_reads_like_any_run(lightning_run: dict[str, Any]) -> 
 
 
 def test_lightning_oom_is_recorded_by_on_exception(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    L = pytest.importorskip("lightning")
+    import lightning as L
+
     from blipmon.integrations.lightning import BlipmonCallback
 
     class Module(L.LightningModule):
