@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from blipmon.core.profile import FORMAT_VERSION, EventReader, ProfileError, SampleBatch, check_run_dir, sample_row
+from blipmon.core.profile import (
+    EVENTS,
+    FORMAT_VERSION,
+    EventReader,
+    ProfileError,
+    SampleBatch,
+    check_run_dir,
+    sample_row,
+)
 
 PHASES = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
 CATEGORIES = ("params", "grads", "optim", "acts", "other")
@@ -573,6 +581,21 @@ def phase_total(p: dict[str, Any]) -> int:
 def _max(values: Any) -> int | None:
     nums = [int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return max(nums) if nums else None
+
+
+def check_follow_dir(run_dir: Path) -> Path:
+    """``check_run_dir`` for ``attach``: a run whose ``events.jsonl`` is still empty is accepted.
+
+    A run is attached to while it is written, and the first moments of a run (its parent has made
+    the folder and opened the file; the header comes next) are exactly when someone attaches to it:
+    the view waits for the header (``FileFollowSource`` says ``starting``) instead of refusing.
+    Anything else that is not a run directory is refused with ``check_run_dir``'s messages.
+    """
+    run_dir = Path(run_dir)
+    events = run_dir / EVENTS
+    if run_dir.is_dir() and events.is_file() and events.stat().st_size == 0:
+        return run_dir
+    return check_run_dir(run_dir)
 
 
 def load_run(run_dir: Path) -> RunData:

@@ -693,11 +693,13 @@ class FileFollowSource(RunSource):
         self._last_second = -1
         self._last: Snapshot | None = None
         self._stall: Stall | None = None
-        # When the last record arrived, on ``clock``: the file's age (in real time) before now.
+        # When the last record arrived, on ``clock``: the file's age (in real time) before now. What the
+        # file already holds is not news: only records past its size now restart the quiet time.
         try:
-            age = max(time.time() - (self.run_dir / EVENTS).stat().st_mtime, 0.0)
+            st = (self.run_dir / EVENTS).stat()
+            age, self._old_bytes = max(time.time() - st.st_mtime, 0.0), st.st_size
         except OSError:
-            age = 0.0
+            age, self._old_bytes = 0.0, 0
         self._last_data = clock() - age
 
     def poll(self) -> Snapshot:
@@ -738,7 +740,7 @@ class FileFollowSource(RunSource):
     def _check_stall(self, arrived: int, status: str) -> Stall | None:
         """A ``Stall`` once nothing has arrived for ``stall_after`` s while the run is not over; else None."""
         t = self.clock()
-        if arrived:
+        if arrived and self.reader._offset > self._old_bytes:
             self._last_data = t
             return None
         quiet = t - self._last_data
