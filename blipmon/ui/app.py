@@ -85,6 +85,11 @@ class BlipmonApp(App[Any]):
             self.exit(None)
 
 
+def _say(message: str) -> None:
+    """A ``blipmon: …`` line on stderr; it quotes paths and a child's error output, so escapes are made visible."""
+    print(f"blipmon: {printable(message)}", file=sys.stderr)
+
+
 def run_launcher() -> int:
     """``blipmon`` with no command: the launcher."""
     from blipmon.ui.launcher import LauncherScreen
@@ -103,24 +108,23 @@ def run_live(cfg: dict[str, Any], out: Path | None) -> int:
     try:
         live = LiveRun(cfg, out)
     except LaunchError as e:
-        print(f"blipmon: {e}", file=sys.stderr)
+        _say(f"{e}")
         return 1
-    print(f"blipmon: recording {cfg.get('name', 'run')} into {live.run_dir}", file=sys.stderr)
+    _say(f"recording {cfg.get('name', 'run')} into {live.run_dir}")
     source = FileFollowSource(live.run_dir, mode="live")
     result = BlipmonApp(RunScreen(source, live)).run()
     if not isinstance(result, RunResult) or result.left_running or result.code is None:
         code = live.poll()
         if code is None:
-            print(
-                f"blipmon: {cfg.get('name', 'run')} is still running (supervisor pid {live.pid}); "
+            _say(
+                f"{cfg.get('name', 'run')} is still running (supervisor pid {live.pid}); "
                 f"watch it with `blipmon attach {live.run_dir}`",
-                file=sys.stderr,
             )
             print(live.run_dir)
             return 0
     else:
         code = result.code
-    print(f"blipmon: {cfg.get('name', 'run')}: see `blipmon show {live.run_dir}`", file=sys.stderr)
+    _say(f"{cfg.get('name', 'run')}: see `blipmon show {live.run_dir}`")
     print(live.run_dir)
     return int(code)
 
@@ -137,22 +141,21 @@ def run_sweep_live(configs: list[str], overrides: list[str], out: Path | None, f
     from blipmon.core.report import render_compare
     from blipmon.ui.sweep import LiveSweep, SweepResult, SweepScreen
 
-    print(f"blipmon: starting a sweep of {' '.join(configs)}…", file=sys.stderr)
+    _say(f"starting a sweep of {' '.join(configs)}…")
     try:
         live = LiveSweep(configs, overrides, out)
     except LaunchError as e:
-        print(f"blipmon: {e}", file=sys.stderr)
+        _say(f"{e}")
         return 2
-    print(f"blipmon: sweep into {live.sweep_dir}", file=sys.stderr)
+    _say(f"sweep into {live.sweep_dir}")
     result = BlipmonApp(SweepScreen(live.sweep_dir, live)).run()
     code = result.code if isinstance(result, SweepResult) and not result.left_running else None
     if code is None:
         code = live.poll()
     if code is None:
-        print(
-            f"blipmon: the sweep is still running (pid {live.pid}); its runs are in {live.sweep_dir} "
+        _say(
+            f"the sweep is still running (pid {live.pid}); its runs are in {live.sweep_dir} "
             f"(its progress: {live.sweep_dir / 'sweep.log'}); watch it again with `blipmon attach {live.sweep_dir}`",
-            file=sys.stderr,
         )
         print(live.sweep_dir)
         return 0
@@ -162,10 +165,10 @@ def run_sweep_live(configs: list[str], overrides: list[str], out: Path | None, f
         runs = load_sweep_runs(live.sweep_dir)
     except ProfileError as e:
         runs = []
-        print(f"blipmon: {e}", file=sys.stderr)
+        _say(f"{e}")
     if runs:
         sys.stdout.write(render_compare(runs, fmt))
-    print(f"blipmon: sweep done; runs in {live.sweep_dir}", file=sys.stderr)
+    _say(f"sweep done; runs in {live.sweep_dir}")
     return int(code)
 
 
@@ -202,9 +205,7 @@ def run_sweep_attach(sweep_dir: Path) -> int:
     control = AttachedSweep(sweep_dir)
     BlipmonApp(SweepScreen(sweep_dir, control)).run()
     if control.running() and not (control.doc() or {}).get("finished"):
-        print(
-            f"blipmon: the sweep goes on in {sweep_dir}; `blipmon attach {sweep_dir}` shows it again", file=sys.stderr
-        )
+        _say(f"the sweep goes on in {sweep_dir}; `blipmon attach {sweep_dir}` shows it again")
     return 0
 
 
@@ -220,7 +221,7 @@ def run_sweep_replay(sweep_dir: Path, speed: float = 1.0) -> int:
     sweep_dir = Path(sweep_dir)
     control = AttachedSweep(sweep_dir)
     if not (control.doc() or {}).get("finished") and control.running():
-        print(f"blipmon: {sweep_dir}: the sweep is still running; following it (as `blipmon attach`)", file=sys.stderr)
+        _say(f"{sweep_dir}: the sweep is still running; following it (as `blipmon attach`)")
         return run_sweep_attach(sweep_dir)
     BlipmonApp(SweepScreen(sweep_dir, replay=True, speed=speed)).run()
     return 0
