@@ -669,7 +669,8 @@ class FileFollowSource(RunSource):
     """A run directory as it is being written, by our own child (``live``) or anyone's (``attach``).
 
     A run that writes nothing for ``stall_after`` seconds (its sampler alone writes several records a
-    second) gets a ``Stall`` in its snapshots, with what its process is doing, until records come again.
+    second; for a run sampling slower than 0.3 Hz, three of its sampling periods) gets a ``Stall`` in
+    its snapshots, with what its process is doing, until records come again.
     The wait starts from the events file's last change, so attaching to a run stopped an hour ago
     says so at once.
     """
@@ -744,12 +745,20 @@ class FileFollowSource(RunSource):
             self._last_data = t
             return None
         quiet = t - self._last_data
-        if status not in ("running", "starting") or quiet < self.stall_after:
+        if status not in ("running", "starting") or quiet < self._quiet_allowed():
             return None
         h = self.run.header
         pid = h.get("pid") if isinstance(h.get("pid"), int) else None
         host = h.get("hostname") if isinstance(h.get("hostname"), str) else None
         return Stall(int(quiet), process_state(pid, host, h.get("started")), pid, host)
+
+    def _quiet_allowed(self) -> float:
+        """``stall_after``, or three sampling periods of a run that samples slower (0.1 Hz: 30 s)."""
+        runtime = self.run.config.get("runtime")
+        hz = runtime.get("sample_hz") if isinstance(runtime, dict) else None
+        if isinstance(hz, (int, float)) and not isinstance(hz, bool) and hz > 0:
+            return max(self.stall_after, 3.0 / float(hz))
+        return self.stall_after
 
     def _elapsed(self) -> float:
         run = self.run

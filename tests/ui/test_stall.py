@@ -82,6 +82,23 @@ def test_stall_is_configurable_and_never_for_a_finished_run(tmp_path: Path) -> N
     assert snap.status == "ok" and snap.stall is None
 
 
+def test_a_run_sampling_slowly_is_given_three_of_its_periods(tmp_path: Path) -> None:
+    d = tmp_path / "slow"
+    events = gpu_events(finished=False)[:60]
+    events[0].update(pid=os.getpid(), hostname=socket.gethostname(), started=time.time())
+    events[1]["config"]["runtime"]["sample_hz"] = 0.1  # the lowest rate allowed: a sample every 10 s
+    write_run(d, events)
+    future = time.time() + 3600
+    os.utime(d / "events.jsonl", (future, future))
+    clock = FrozenClock()
+    src = FileFollowSource(d, mode="attach", clock=clock)
+    src.poll()
+    clock.advance(29)
+    assert src.poll().stall is None  # two periods without a sample: nothing unusual at 0.1 Hz
+    clock.advance(1)
+    assert src.poll().stall == Stall(30, "alive", os.getpid(), socket.gethostname())
+
+
 def test_attaching_to_a_run_quiet_for_an_hour_says_so_at_once(tmp_path: Path) -> None:
     d = _running_run(tmp_path / "run", os.getpid(), socket.gethostname(), time.time())
     hour_ago = time.time() - 3600
