@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from blipmon.core.config import ConfigError
@@ -376,12 +377,19 @@ class Launch:
 
     def __init__(self, cfg: dict[str, Any], out: Path | None = None) -> None:
         self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
+        # Until the child exists, a Ctrl-C removes the run directory (nothing ran) before it interrupts
+        # the caller as usual: between here and ``start`` no half-made run can be left behind.
+        self._guard = _PreStartGuard.install(self)
         self.run_dir = make_run_dir(cfg, out)
         try:
             write_config(self.run_dir, cfg)
             reserve_space(self.run_dir)
         except BaseException as e:
             # Nothing can run here (or the user interrupted): leave no half-made run behind.
+            if self._guard is not None:
+                self._guard.remove()
+                self._guard = None
             _remove_run_dir(self.run_dir)
             if isinstance(e, OSError) and is_disk_full(e):
                 raise OSError(
@@ -391,7 +399,6 @@ class Launch:
                     str(self.run_dir.parent),
                 ) from None
             raise
-        self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self.started = time.time()
         self.interrupted = False  # a Ctrl-C reached this process while it started the child
@@ -427,6 +434,9 @@ class Launch:
         # child is asked to stop (and records it), and ``wait`` follows it to its exit code.
         caught: list[int] = []
         previous = _hold_sigint(caught)
+        if self._guard is not None and previous is self._guard:
+            previous = self._guard.previous  # what the caller had before this Launch existed
+        self._guard = None
         log = open(self.run_dir / LOG, "ab")  # noqa: SIM115 - the child owns it from here
         try:
             cmd = self.command()
@@ -550,6 +560,39 @@ class Launch:
 
 
 _CHILD_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class _PreStartGuard:
+    """SIGINT between a Launch's creation and its child's start: remove the run directory, then interrupt.
+
+    Installed only over Python's default handler (the command line, a sweep), whose KeyboardInterrupt
+    it then raises as before; ``start`` puts the default handler back once the child exists.
+    """
+
+    def __init__(self, launch: Launch, previous: Any) -> None:
+        self.launch = launch
+        self.previous = previous
+
+    @classmethod
+    def install(cls, launch: Launch) -> _PreStartGuard | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None
+        guard = cls(launch, signal.default_int_handler)
+        signal.signal(signal.SIGINT, guard)
+        return guard
+
+    def remove(self) -> None:
+        if signal.getsignal(signal.SIGINT) is self:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.remove()
+        run_dir = getattr(self.launch, "run_dir", None)
+        if self.launch.proc is None and run_dir is not None:
+            _remove_run_dir(run_dir)
+        self.previous(signum, frame)
 
 
 def _hold_sigint(caught: list[int]) -> Any:
