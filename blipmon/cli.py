@@ -108,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (ConfigError, ProfileError, UsageError) as e:
-        print(f"blipmon: {e}", file=sys.stderr)
+        from blipmon.core.safe_text import printable
+
+        print(f"blipmon: {printable(e)}", file=sys.stderr)  # messages quote paths and values: untrusted text
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("blipmon: interrupted", file=sys.stderr)
@@ -220,11 +222,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     if not (args.run / "events.jsonl").exists() and (args.run / "sweep.json").is_file():
         return _show_sweep(args)
+    from blipmon.core.safe_text import printable
+
     run = load_run(args.run)
     for w in run.warnings:
-        print(f"blipmon: warning: {w}", file=sys.stderr)
+        print(f"blipmon: warning: {printable(w)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(run.summary(), indent=1))
+        print(json.dumps(run.summary(), indent=1))  # json escapes every control character itself
     else:
         sys.stdout.write(render_show(run))
         if isinstance(run.prediction, dict) and run.prediction.get("phases"):
@@ -233,9 +237,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
             rows = predicted_vs_measured(run.prediction, run.summary())
             unit = "GiB" if any((r["predicted"] or 0) >= GIB for r in rows) else "MiB"
-            sys.stdout.write(render_predicted_vs_measured(rows, unit=unit))
+            # The saved prediction is read from the profile: its text is as untrusted as the rest.
+            sys.stdout.write(printable(render_predicted_vs_measured(rows, unit=unit)))
             on_gpu = run.environment.get("device") == "cuda"
-            sys.stdout.write(render_verdict_line(run.prediction, on_gpu=on_gpu, oom=run.oom))
+            sys.stdout.write(printable(render_verdict_line(run.prediction, on_gpu=on_gpu, oom=run.oom)))
     return 0
 
 
@@ -276,12 +281,14 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return run_launcher()
 
 
-def _is_sweep_dir(path: Path) -> bool:
+def _is_sweep_dir(path: Path, *, attach: bool = False) -> bool:
     """True for a sweep folder (it holds ``sweep.json``); False for a run directory; else a clear error (exit 2).
 
-    ``attach`` and ``replay`` take either, so a folder that is neither names both things it lacks.
+    ``attach`` and ``replay`` take either, so a folder that is neither names both things it lacks. ``attach``
+    also takes a run whose events.jsonl is still empty (the child has not written its header yet): it waits.
     """
     from blipmon.core.profile import EVENTS, check_run_dir
+    from blipmon.core.run import check_follow_dir
 
     sweep_file = "sweep.json"  # blipmon.commands.sweep.SWEEP_FILE, without importing the sweep for a run
     if path.is_dir() and (path / sweep_file).is_file():
@@ -292,7 +299,10 @@ def _is_sweep_dir(path: Path) -> bool:
         return True
     if path.is_dir() and not (path / EVENTS).exists():
         raise UsageError(f"{path}: not a blipmon run or sweep (no {EVENTS} or {sweep_file} in it)")
-    check_run_dir(path)
+    if attach:
+        check_follow_dir(path)
+    else:
+        check_run_dir(path)
     return False
 
 
@@ -311,7 +321,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    if _is_sweep_dir(args.run):
+    if _is_sweep_dir(args.run, attach=True):
         from blipmon.ui.app import run_sweep_attach
 
         return run_sweep_attach(args.run)
