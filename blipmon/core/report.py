@@ -228,6 +228,18 @@ def _unit_for(values: list[int | None]) -> tuple[str, int]:
     return ("GiB", GIB) if top >= GIB else ("MiB", MIB)
 
 
+def _host_share_line(placement: dict[str, Any]) -> list[str]:
+    """A device map with CPU (or disk) parts: how much of the model the GPUs do not hold (seed 001's question)."""
+    sizes = {d: b for d, b in placement.items() if isinstance(b, int) and not isinstance(b, bool)}
+    gpu = sum(b for d, b in sizes.items() if str(d).startswith("cuda"))
+    off = {d: b for d, b in sizes.items() if d in ("cpu", "disk")}
+    total = gpu + sum(off.values())
+    if not gpu or not off or not total:
+        return []
+    parts = ", ".join(f"{fmt_bytes(b)} on {'the host' if d == 'cpu' else 'disk'}" for d, b in off.items())
+    return [f"offload  {parts}: {100 * sum(off.values()) / total:.0f} % of the parameters are off the GPU"]
+
+
 def render_show(run: RunData) -> str:
     """The readable summary: outcome, load, the four phases of the first steps and of the peak step."""
     cfg, env = run.config, run.environment
@@ -258,10 +270,12 @@ def render_show(run: RunData) -> str:
     else:
         lines.append(f"job      {cfg.get('job', {}).get('kind', '?')}")
     if run.load:
-        place = ", ".join(f"{d} {fmt_bytes(b)}" for d, b in (run.load.get("placement") or {}).items())
+        placement = run.load.get("placement") or {}
+        place = ", ".join(f"{d} {fmt_bytes(b)}" for d, b in placement.items())
         lines.append(
             f"load     {fmt_seconds(run.load.get('seconds'))}, parameters {fmt_bytes(run.load.get('params_bytes'))} ({place})"
         )
+        lines.extend(_host_share_line(placement))
     lines.extend(_phase_table(run))
     lines.extend(_offload_line(run))
     lines.extend(_rank_table(run))
@@ -304,6 +318,10 @@ def _outcome(run: RunData) -> str:
         text += f" at step {o.get('step')} (micro-step {o.get('micro_step')}, {o.get('phase')})"
         if o.get("requested_bytes"):
             text += f" trying to allocate {fmt_bytes(o['requested_bytes'])}"
+        if o.get("device"):
+            text += f" on {o['device']}"
+            if o.get("device_free") is not None:
+                text += f" ({fmt_bytes(o['device_free'])} free of {fmt_bytes(o.get('device_limit'))})"
     if run.error and st == "error":
         text += f": {str(run.error.get('message', ''))[:300]}"
     return text + (f" ({code})" if code else "")

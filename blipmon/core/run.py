@@ -248,7 +248,9 @@ _ENV_TYPES: dict[str, Any] = {"device": str, "gpu_name": str, "gpu_total_bytes":
 _PLAN_TYPES: dict[str, Any] = {"total_steps": int, "steps_per_epoch": int, "micro_per_step": int, "batch_size": int,
                                "trainable_params": int, "total_params": int, "weights": str, "world_size": int}  # fmt: skip
 _OOM_TYPES: dict[str, Any] = {"step": int, "micro_step": int, "phase": str, "requested_bytes": int, "message": str,
-                              "allocated": int, "reserved": int, "peak": int, "rank": int}  # fmt: skip
+                              "allocated": int, "reserved": int, "peak": int, "rank": int,
+                              # torch's out-of-memory observer (CUDA): exact size's source, the device, its state
+                              "requested_source": str, "device": str, "device_free": int, "device_limit": int}  # fmt: skip
 
 
 def _clean_fields(ev: dict[str, Any], types: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +287,22 @@ def _clean_phase(ev: dict[str, Any]) -> dict[str, Any] | None:
     for key in _OFFLOAD_INTS:  # only where a strategy offloads (DeepSpeed): absent means "not split"
         if key in ev:
             out[key] = _int(ev[key])
+    if "devices" in ev:  # per-GPU allocator figures of a model on several GPUs; untrusted like the rest
+        out["devices"] = _clean_devices(ev["devices"])
+        if out["devices"] is None:
+            del out["devices"]
     return out
+
+
+def _clean_devices(value: Any) -> dict[str, dict[str, int | None]] | None:
+    """``{"cuda:N": {"allocated", "reserved", "peak"}}`` with integer figures, or None when unusable."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, dict[str, int | None]] = {}
+    for dev, figures in value.items():
+        if isinstance(dev, str) and isinstance(figures, dict):
+            out[dev] = {k: _int(figures.get(k)) for k in ("allocated", "reserved", "peak")}
+    return out or None
 
 
 def _clean_step(ev: dict[str, Any]) -> dict[str, Any] | None:
@@ -541,6 +558,8 @@ class RunData:
                 "phase": self.oom.get("phase"),
                 "requested_bytes": self.oom.get("requested_bytes"),
                 "message": self.oom.get("message", ""),
+                # Extensions, present where torch's out-of-memory observer saw the failure (CUDA).
+                **{k: self.oom[k] for k in ("device", "device_free", "device_limit") if self.oom.get(k) is not None},
             },
             "exit": {"code": self.exit.get("code"), "signal": self.exit.get("signal")}
             if self.exit
@@ -567,6 +586,11 @@ _PHASE_KEYS = ("step", "micro_step", "rank", "phase", "t", "params", "grads", "o
 def _phase_out(p: dict[str, Any]) -> dict[str, Any]:
     out = {k: p.get(k) for k in _PHASE_KEYS}
     out["rank"] = out["rank"] or 0
+    # Extensions of the fixed summary, present only where they exist: the host share of DeepSpeed's offloaded
+    # gradients and optimizer state, and each GPU's figures for a model on several GPUs.
+    for key in (*_OFFLOAD_INTS, "devices"):
+        if p.get(key) is not None:
+            out[key] = p[key]
     return out
 
 
