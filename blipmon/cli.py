@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+EXIT_STOPPED = 4  # `blipmon run`'s code for a stopped run (runner/child.py holds the full set)
 
 # replay --speed: a hundredth of real time (a 1 s step lasts 100 s) to 10,000x (a 28-hour run in 10 s); beyond,
 # a replay is either frozen or over before its first frame. The dashboard's own keys step through 0.25x-128x.
@@ -113,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"blipmon: {printable(e)}", file=sys.stderr)  # messages quote paths and values: untrusted text
         return EXIT_USAGE
     except KeyboardInterrupt:
+        # Before a run exists (resolving, preflight): nothing was recorded, nothing is left behind. `run`
+        # keeps its documented code for a stopped run, the others the shell's.
+        if args.command == "run":
+            print("blipmon: interrupted before the run started; nothing was recorded", file=sys.stderr)
+            return EXIT_STOPPED
         print("blipmon: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -359,7 +359,11 @@ def _run_one(
     launch.start()
     live = RunData(path=launch.run_dir)
     reader = EventReader(launch.run_dir)
-    interrupts = 0
+    # A Ctrl-C while the child was being started has already stopped it (Launch handles it, so no
+    # KeyboardInterrupt reaches us): it still counts as the user interrupting the sweep.
+    interrupts = 1 if getattr(launch, "interrupted", False) else 0
+    if interrupts:
+        progress.note(f"blipmon: stopping {e.name}; the rest of the sweep is skipped")
     while True:
         try:
             if on_started is not None:  # inside the try: a stop arriving meanwhile still stops the child

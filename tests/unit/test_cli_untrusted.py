@@ -38,3 +38,18 @@ def test_an_error_quoting_a_hostile_path_prints_no_escape(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err
     assert "blipmon:" in err
+
+
+def test_ctrl_c_before_the_run_starts_exits_4_without_a_traceback(
+    monkeypatch: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the configuration is resolved: `run`'s code for a stopped run, one line, nothing recorded."""
+    import blipmon.core.config as config
+
+    def interrupted(*_a: Any, **_k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "resolve", interrupted)
+    assert cli.main(["run", "tiny/blip2-opt"]) == 4
+    err = capsys.readouterr().err
+    assert "interrupted before the run started" in err and "Traceback" not in err
