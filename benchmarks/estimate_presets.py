@@ -5,7 +5,9 @@ what a user waits for (imports and model building included, no GPU). SIZE is the
 lab's cards (80 GB A100 and H100). The seed lab (seeds/002) reports out-of-memory for ``baseline``,
 ``flan-t5-xxl`` and ``flan-t5-xxl-bs1`` on both cards; every other row ran. The presets reproduce the lab's
 batches (captions tokenized alone, without BLIP-2's image placeholders, padded to the batch's longest caption);
-``--set data.caption_tokens=N`` or ``--set data.image_placeholders=true`` shows how the verdicts move.
+``--set data.caption_tokens=N`` or ``--set data.image_placeholders=true`` shows how the verdicts move. Each row
+shows the GPU overheads the verdict adds to the allocated peak (allocator rounding and segments, cuBLAS
+workspaces, the CUDA context, ...; docs/memory-model.md, "GPU overheads") and the headroom left.
 
     python benchmarks/estimate_presets.py [--only h100/baseline ...] [--set K=V ...] [--json]
 """
@@ -32,7 +34,7 @@ def presets() -> list[str]:
 
 def run_one(name: str, sets: list[str]) -> dict:
     gpu = name.split("/")[0]
-    cmd = [sys.executable, "-m", "blipmon", "estimate", name, "--gpu-memory", str(CAPACITY[gpu]), "--json"]
+    cmd = [sys.executable, "-m", "blipmon", "estimate", name, "--gpu-memory", f"{CAPACITY[gpu]}B", "--json"]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
@@ -43,9 +45,12 @@ def run_one(name: str, sets: list[str]) -> dict:
         row["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
         return row
     out = json.loads(proc.stdout)
+    overheads = int((out.get("overheads") or {}).get("total") or 0)
     row.update(
         verdict=out["verdict"],
         peak_gib=round(out["peak_bytes"] / GIB, 2),
+        overheads_gib=round(overheads / GIB, 2),
+        headroom_gib=round((out["gpu_memory_bytes"] - out["peak_bytes"] - overheads) / GIB, 2),
         peak_phase=out["peak_phase"],
         capacity_gib=round(out["gpu_memory_bytes"] / GIB, 2),
         estimate_s=out["seconds"],
@@ -73,7 +78,8 @@ def main() -> int:
                 mark = "agrees" if row["agrees"] else "DISAGREES"
                 print(
                     f"{name:28s} {row['verdict']:5s} peak {row['peak_gib']:7.2f} GiB at {row['peak_phase']:15s}"
-                    f" of {row['capacity_gib']:.2f}   seed: {row['seed']:5s} {mark:10s}"
+                    f" + {row['overheads_gib']:.2f} overheads of {row['capacity_gib']:.2f}"
+                    f" (headroom {row['headroom_gib']:6.2f})   seed: {row['seed']:5s} {mark:10s}"
                     f" {row['wall_s']:5.1f} s (estimate {row['estimate_s']:.1f} s)",
                     flush=True,
                 )

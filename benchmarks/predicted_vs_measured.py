@@ -7,6 +7,15 @@ and measured peak and their ratio (goal: within 10 %), whether params, grads and
 byte, and the largest activation error. A GPU run compares the allocator's per-phase ``peak``; ``--cpu`` runs
 the tiny presets on the CPU (no allocator: totals are the four categories), which only checks this script.
 
+On a GPU it also prints, for calibrating the estimate's GPU overheads (docs/memory-model.md, "GPU overheads"),
+each predicted term beside what the run measured:
+
+- free space in the allocator's segments beside the run's ``reserved - allocated`` (at their peaks);
+- what the allocator holds besides the predicted peak (rounding, cuBLAS workspaces, DDP buckets, DeepSpeed's
+  buffer) beside the measured allocated peak minus the predicted one (this also holds the activation error);
+- what lives outside the allocator (CUDA context, NCCL) beside the device's used memory minus the reserved peak
+  (NVML's figure for the whole GPU: run on an otherwise idle GPU).
+
     python benchmarks/predicted_vs_measured.py [PRESET ...] [--steps N] [--out DIR] [--cpu] [--json]
 
 With no PRESET: the seed lab's H100 rows that ran in the lab (the ones predicted to fit an 80 GB card).
@@ -71,7 +80,40 @@ def run_one(preset: str, steps: int, out: Path, cpu: bool) -> dict[str, Any]:
         row["ratio"] = round(row["predicted_peak"] / row["measured_peak"], 4)
     row["exact"] = all(r["predicted"] == r["measured"] for r in exact) if exact else None
     row["acts_error_max"] = round(max((abs(r["error"]) for r in acts), default=0.0), 4)
+    row["overheads"] = overhead_pairs(run.prediction, summary, row["predicted_peak"])
     return row
+
+
+INSIDE = ("allocator_rounding", "cublas_workspaces", "ddp_buckets", "deepspeed_offload_buffer")
+OUTSIDE = ("cuda_context", "nccl_buffers")
+
+
+def overhead_pairs(prediction: dict[str, Any], summary: dict[str, Any], predicted_peak: int | None) -> dict[str, Any]:
+    """Each predicted GPU term, and the measured figure it is to be calibrated against (None where not measured)."""
+    terms = prediction.get("overheads")
+    if not isinstance(terms, dict):
+        return {}
+    peaks = summary.get("peaks") or {}
+
+    def num(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    alloc, reserved, used = num(peaks.get("allocated")), num(peaks.get("reserved")), num(peaks.get("device_used"))
+    return {
+        "terms": {k: v for k, v in terms.items() if k != "total"},
+        "segments": {
+            "predicted": terms.get("allocator_segments"),
+            "measured": reserved - alloc if reserved is not None and alloc is not None else None,
+        },
+        "inside_allocator": {
+            "predicted": sum(int(terms.get(k) or 0) for k in INSIDE),
+            "measured": alloc - predicted_peak if alloc is not None and predicted_peak else None,
+        },
+        "outside_allocator": {
+            "predicted": sum(int(terms.get(k) or 0) for k in OUTSIDE),
+            "measured": used - reserved if used is not None and reserved is not None else None,
+        },
+    }
 
 
 def main() -> int:
@@ -111,11 +153,25 @@ def _line(r: dict[str, Any]) -> str:
         return f"{r['preset']:24s} ERROR {r['error']}"
     gib = lambda b: f"{b / GIB:7.2f}" if b else "      —"  # noqa: E731
     ratio = f"{r['ratio']:.3f}" if r.get("ratio") else "—"
-    return (
+    line = (
         f"{r['preset']:24s} {r['status']:8s} predicted {r['verdict']:4s} peak {gib(r['predicted_peak'])} GiB"
         f"  measured {gib(r['measured_peak'])} GiB  ratio {ratio}  params/grads/optim exact: {r['exact']}"
         f"  acts max error {r['acts_error_max']:.1%}"
     )
+    o = r.get("overheads") or {}
+    if o:
+        mib = lambda b: "—" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+        terms = ", ".join(f"{k} {mib(v)}" for k, v in o["terms"].items())
+        line += f"\n{'':24s} overheads (MiB): {terms}"
+        for key, what in (
+            ("segments", "reserved - allocated"),
+            ("inside_allocator", "allocated peak - predicted peak"),
+            ("outside_allocator", "device used - reserved"),
+        ):
+            line += (
+                f"\n{'':24s}   {key}: predicted {mib(o[key]['predicted'])}, measured {mib(o[key]['measured'])} ({what})"
+            )
+    return line
 
 
 if __name__ == "__main__":

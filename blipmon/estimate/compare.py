@@ -81,8 +81,9 @@ def render_predicted_vs_measured(rows: list[dict[str, Any]], *, unit: str = "MiB
 def render_verdict_line(prediction_json: dict[str, Any], *, on_gpu: bool, oom: dict[str, Any] | None) -> str:
     """What the saved estimate said beside what happened: the verdict, where it would run out, where it did.
 
-    The saved JSON is the fixed ``estimate --json`` object, so where a run would run out is recomputed from it:
-    the first phase whose interval peak plus the runtime allowance exceeds the capacity.
+    The saved JSON is the ``estimate --json`` object, so where a run would run out is recomputed from it: the first
+    phase whose interval peak plus the overheads exceeds the capacity. A CUDA prediction carries its overheads
+    (``overheads.total``); one saved before they existed gets the CUDA context alone.
     """
     from blipmon.estimate.timeline import CPU_RUNTIME_BYTES, CUDA_RUNTIME_BYTES, INTERVAL
 
@@ -93,7 +94,12 @@ def render_verdict_line(prediction_json: dict[str, Any], *, on_gpu: bool, oom: d
     line = f"estimate {prediction_json.get('verdict')} against {cap / gib:.1f} GiB"
     if peak is not None:
         line += f"; predicted peak at step {peak.get('step')} {peak.get('phase')}"
-    limit = cap - (CUDA_RUNTIME_BYTES if on_gpu else CPU_RUNTIME_BYTES)
+    overheads = prediction_json.get("overheads")
+    saved_total = overheads.get("total") if isinstance(overheads, dict) else None
+    if on_gpu and isinstance(saved_total, int) and not isinstance(saved_total, bool) and saved_total >= 0:
+        limit = cap - saved_total
+    else:
+        limit = cap - (CUDA_RUNTIME_BYTES if on_gpu else CPU_RUNTIME_BYTES)
     first = next((p for p in phases if int(p.get("total") or 0) > limit), None)
     if prediction_json.get("verdict") == "oom" and first is not None:
         phase = str(first.get("phase"))

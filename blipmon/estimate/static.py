@@ -55,6 +55,13 @@ class Static:
     optim_host: int  # optimizer memory in host RAM (DeepSpeed offload: master weights, moments, grad partitions)
     optim_step_temp: int  # largest temporary inside optimizer.step() on the target device
     max_grad: int  # largest single gradient
+    # Each tensor's bytes, for the caching allocator's rounding (``gpu.pack``): parameter storages with their
+    # quantization state and the buffers; gradients; optimizer state on the device (paged and host state excluded).
+    resident_tensors: tuple[int, ...] = ()
+    grad_tensors: tuple[int, ...] = ()
+    optim_device_tensors: tuple[int, ...] = ()
+    largest_trainable_numel: int = 0  # DeepSpeed's offload gradient buffer is this many elements ...
+    trainable_itemsize: int = 0  # ... of the first trainable parameter's dtype (ZeRO's ``self.dtype``)
 
 
 def analyse(model: Any, cfg: dict[str, Any], no_grad: frozenset[str], device: str) -> Static:
@@ -64,27 +71,39 @@ def analyse(model: Any, cfg: dict[str, Any], no_grad: frozenset[str], device: st
     total_n = train_n = 0
     grads = 0
     grad_sizes: list[tuple[int, int, Any]] = []  # (numel, bytes, dtype) of parameters that get a gradient
+    resident: list[int] = []
+    largest_trainable = trainable_itemsize = 0
     for name, p in model.named_parameters():
         cls = type(p).__name__
         n = p.numel()
         total_n += n
         if cls == "Params4bit":
-            params += (n + 1) // 2 * _itemsize(getattr(p, "quant_storage", None))
+            stored = (n + 1) // 2 * _itemsize(getattr(p, "quant_storage", None))
             block = getattr(p, "blocksize", None) or BNB_4BIT_BLOCK
-            quant += -(-n // block) * 4 + BNB_4BIT_CODE_BYTES
+            absmax = -(-n // block) * 4
+            quant += absmax + BNB_4BIT_CODE_BYTES
+            resident += [stored, absmax, BNB_4BIT_CODE_BYTES]
         elif cls == "Int8Params":
-            params += n
-            quant += 4 * (p.shape[0] if p.dim() else 1)
+            stored = n
+            scales = 4 * (p.shape[0] if p.dim() else 1)
+            quant += scales
+            resident += [stored, scales]
         else:
-            params += n * p.element_size()
+            stored = n * p.element_size()
+            resident.append(stored)
+        params += stored
         if p.requires_grad:
             train_n += n
+            if not trainable_itemsize:
+                trainable_itemsize = p.element_size()
+            largest_trainable = max(largest_trainable, n)
             if layer_free_name(name) not in no_grad:
                 b = n * p.element_size()
                 grads += b
                 grad_sizes.append((n, b, p.dtype))
     for b in model.buffers():
         buffers += b.numel() * b.element_size()
+        resident.append(b.numel() * b.element_size())
     state, state_dev, host, temp = _optimizer(optim, grad_sizes, device)
     if cfg["train"]["strategy"] == "deepspeed_stage_2_offload":
         # ZeRO-2 offload: fp32 gradient partitions live in host memory next to the optimizer, and a second fp32
@@ -103,7 +122,38 @@ def analyse(model: Any, cfg: dict[str, Any], no_grad: frozenset[str], device: st
         optim_host=host,
         optim_step_temp=temp,
         max_grad=max((b for _n, b, _d in grad_sizes), default=0),
+        resident_tensors=tuple(resident),
+        grad_tensors=tuple(b for _n, b, _d in grad_sizes),
+        optim_device_tensors=tuple(_optimizer_device_tensors(optim, grad_sizes, device)),
+        largest_trainable_numel=largest_trainable,
+        trainable_itemsize=trainable_itemsize,
     )
+
+
+def _optimizer_device_tensors(name: str, sizes: list[tuple[int, int, Any]], device: str) -> list[int]:
+    """Each optimizer state tensor the caching allocator holds (the same rules as ``_optimizer``, tensor by tensor).
+
+    AdamW's ``step`` scalars stay on the host; bitsandbytes' paged buffers live in CUDA managed memory, outside the
+    caching allocator; DeepSpeed's CPU Adam keeps everything on the host.
+    """
+    if device != "cuda" or not sizes or name in ("sgd", "deepspeed_cpu"):
+        return []
+    out: list[int] = []
+    if name == "adamw":
+        for _n, b, _d in sizes:
+            out += [b, b]
+        return out
+    any_8bit = False
+    for n, _b, _d in sizes:
+        paged = name == "paged_adamw_8bit" and n >= PAGED_MIN_NUMEL
+        if n < BNB_MIN_8BIT_SIZE:
+            out += [] if paged else [4 * n, 4 * n]
+        else:
+            any_8bit = True
+            out += ([] if paged else [n, n]) + [4 * -(-n // BNB_OPTIM_BLOCK)] * 2
+    if any_8bit:
+        out += [BNB_QMAP_BYTES // 2] * 2
+    return out
 
 
 def _itemsize(dtype: Any) -> int:

@@ -15,6 +15,11 @@ that boundary, over all micro-steps of the step. That is the figure the CUDA all
 ``peak``; it adds to the categories what the boundaries never see: temporaries of the forward and backward pass
 (fp32 logits and their gradient, gradient buffers of activations, checkpointed layers being recomputed), the
 optimizer's own temporaries, the batch, registered buffers and bitsandbytes' quantization state.
+
+A CUDA run needs more than that peak: the verdict adds ``gpu.Overheads`` (the caching allocator's rounding and
+segments, cuBLAS workspaces, DDP's buckets, NCCL's and DeepSpeed's buffers, the CUDA context) and judges the sum
+against the local GPU's *free* memory when there is a GPU here, else against the capacity given. The phases
+themselves stay the allocated figures the probe and ``max_memory_allocated`` report.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blipmon.core.config import ConfigError, caption_tokens
+from blipmon.estimate.gpu import CUDA_CONTEXT_BYTES, NO_OVERHEADS, Overheads
 
 PHASES = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
 # What runs in the interval that ends at each boundary: where a run that does not fit would fail.
@@ -34,10 +40,9 @@ INTERVAL = {
     "after_bwd": "backward",
     "after_opt_step": "optimizer step",
 }
-# Device memory outside the caching allocator: the CUDA context, kernels and library handles. About 0.5 GiB on
-# A100/H100 with CUDA 12's lazy module loading; the allocator's own block rounding is left out (small for large
-# tensors, which are what decide a verdict).
-CUDA_RUNTIME_BYTES = 600 * 1024**2
+# The CUDA context alone (``gpu.CUDA_CONTEXT_BYTES``): what a saved prediction without ``overheads`` (made before
+# they existed) is judged with. New CUDA estimates carry every term in ``Estimate.overheads``.
+CUDA_RUNTIME_BYTES = CUDA_CONTEXT_BYTES
 # Host memory of the runner child before it loads a model: Python, torch, transformers, peft, bitsandbytes
 # (measured: ~400 MiB RSS at the first boundary of a tiny run).
 CPU_RUNTIME_BYTES = 420 * 1024**2
@@ -84,8 +89,8 @@ class Estimate:
     model_id: str
     device: str  # "cuda" | "cpu": whose memory the verdict is about
     capacity_bytes: int  # GPU memory (or available host memory for CPU runs)
-    capacity_source: str  # where the capacity came from (argument, local GPU, host memory)
-    runtime_bytes: int  # memory the process needs besides the predicted peak (CUDA context / interpreter)
+    capacity_source: str  # where the capacity came from (argument, free on the local GPU, host memory)
+    runtime_bytes: int  # memory needed besides the predicted peak: ``overheads.total`` on CUDA, the interpreter on CPU
     phases: tuple[PhaseEstimate, ...]
     peak_bytes: int
     peak_phase: str
@@ -101,6 +106,7 @@ class Estimate:
     optim_step_temp_bytes: int = 0
     short_layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # stack -> (traced, full) layers
     notes: tuple[str, ...] = ()
+    overheads: Overheads = NO_OVERHEADS  # CUDA only: the terms of runtime_bytes (gpu.Overheads)
 
     @property
     def runs_out(self) -> PhaseEstimate | None:
@@ -134,7 +140,9 @@ class Estimate:
         raise KeyError((phase, step))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The fixed object; a CUDA estimate adds ``overheads`` (bytes per term and their ``total``, which the
+        verdict adds to each phase's ``total``) and ``capacity_source`` (what ``gpu_memory_bytes`` is)."""
+        out: dict[str, Any] = {
             "gpu_memory_bytes": int(self.capacity_bytes),
             "phases": [p.to_json() for p in self.phases],
             "peak_bytes": int(self.peak_bytes),
@@ -142,15 +150,20 @@ class Estimate:
             "verdict": self.verdict,
             "seconds": round(float(self.seconds), 3),
         }
+        if self.device == "cuda":
+            out["overheads"] = self.overheads.to_json()
+            out["capacity_source"] = self.capacity_source
+        return out
 
     def explain(self) -> str:
         """A few lines a person reads before launching: the peak, where it is, what dominates, the verdict."""
         from blipmon.core.units import fmt_bytes
 
         where = "GPU" if self.device == "cuda" else "host RAM"
+        extra = "overheads" if self.device == "cuda" else "runtime"
         lines = [
             f"{self.name}: {self.model_id}, predicted peak {fmt_bytes(self.peak_bytes)} at step {self.peak_step} "
-            f"{self.peak_phase} (+{fmt_bytes(self.runtime_bytes)} runtime) vs {fmt_bytes(self.capacity_bytes)} "
+            f"{self.peak_phase} (+{fmt_bytes(self.runtime_bytes)} {extra}) vs {fmt_bytes(self.capacity_bytes)} "
             f"{where} ({self.capacity_source}): {self.verdict.upper()}",
         ]
         hr = self.headroom_bytes
@@ -162,7 +175,7 @@ class Estimate:
         lines.append("  at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts))
         if self.host_optim_bytes:
             lines.append(f"  host RAM for offloaded optimizer state and gradients: {fmt_bytes(self.host_optim_bytes)}")
-        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  note: {n}" for n in self.notes)  # on CUDA the first note lists the overheads
         return "\n".join(lines)
 
 
@@ -190,6 +203,7 @@ def target_device(cfg: dict[str, Any], device: str | None, capacity_bytes: int |
 
 
 def _local_gpu_bytes() -> int | None:
+    """Total memory of the local GPU, or None without one (tests replace this to hide a GPU)."""
     try:
         import torch
 
@@ -200,12 +214,25 @@ def _local_gpu_bytes() -> int | None:
     return None
 
 
+def _local_gpu() -> Any:
+    """``gpu.LocalGpu`` of this machine (free memory without creating a CUDA context), or None."""
+    from blipmon.estimate.gpu import local_gpu
+
+    return local_gpu(0)
+
+
 def capacity(device: str, capacity_bytes: int | None) -> tuple[int, str]:
-    """(bytes, where they came from) for the verdict."""
+    """(bytes, where they came from) for the verdict: the given capacity, the local GPU's free memory, host RAM."""
+    cap, source, _local = _capacity(device, capacity_bytes)
+    return cap, source
+
+
+def _capacity(device: str, capacity_bytes: int | None) -> tuple[int, str, Any]:
+    """``capacity`` plus the ``LocalGpu`` judged against (None when the capacity was given or it is a CPU run)."""
     if capacity_bytes is not None:
         if capacity_bytes <= 0:
             raise ConfigError(f"memory capacity {capacity_bytes}: expected a positive number of bytes")
-        return int(capacity_bytes), "given"
+        return int(capacity_bytes), "given", None
     if device == "cuda":
         local = _local_gpu_bytes()
         if local is None:
@@ -213,10 +240,16 @@ def capacity(device: str, capacity_bytes: int | None) -> tuple[int, str]:
                 "this configuration runs on a GPU and no GPU is visible here: give its memory with --gpu-memory "
                 "(e.g. --gpu-memory 80GiB)"
             )
-        return local, "local GPU"
+        from blipmon.estimate.gpu import describe_local
+
+        g = _local_gpu()
+        if g is None:
+            return local, "local GPU", None
+        # Free memory, not the card: other processes (a notebook, another job) hold part of it.
+        return (g.free if g.free is not None else g.total), describe_local(g), g
     import psutil
 
-    return int(psutil.virtual_memory().available), "available host memory"
+    return int(psutil.virtual_memory().available), "available host memory", None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +313,7 @@ def estimate(
     t0 = time.perf_counter()
     cfg = config_mod.validate(cfg)
     dev = target_device(cfg, device, capacity_bytes)
-    cap, cap_source = capacity(dev, capacity_bytes)
+    cap, cap_source, local = _capacity(dev, capacity_bytes)
     spec = build.resolve_spec(cfg)
     if not spec.train:
         raise ConfigError(
@@ -303,8 +336,10 @@ def estimate(
             "captions tokenized without image placeholders (data.image_placeholders = false), as the seed lab does: "
             "the language model sees the caption only; with the processor's placeholders it would need more"
         )
-    if cfg["train"]["devices"] > 1 or cfg["train"]["strategy"] == "ddp":
-        notes.append("per rank; DDP adds gradient buckets (about the gradient size) that are not counted")
+    if _world_size(cfg) > 1:
+        notes.append(
+            "per rank (every rank holds the same); DDP's gradient buckets and NCCL's buffers are in the overheads"
+        )
 
     mkey = _model_key(cfg)
     full = _MODELS.get(mkey)
@@ -361,7 +396,11 @@ def estimate(
     if cfg["train"]["optim"] == "paged_adamw_8bit" and dev == "cuda":
         notes.append("paged optimizer state (tensors of 100k+ elements) can page out to host RAM: not in the peak")
     peak = max(phases, key=lambda p: (p.total, -p.step))
-    runtime = CUDA_RUNTIME_BYTES if dev == "cuda" else CPU_RUNTIME_BYTES
+    overheads = NO_OVERHEADS
+    if dev == "cuda":
+        overheads = gpu_overheads(cfg, st, prof, peak, local)
+        notes.insert(0, overheads.describe())
+    runtime = overheads.total if dev == "cuda" else CPU_RUNTIME_BYTES
     verdict = "fits" if peak.total + runtime <= cap else "oom"
     return Estimate(
         name=name or str(cfg.get("name", "")),
@@ -384,6 +423,63 @@ def estimate(
         optim_step_temp_bytes=st.optim_step_temp,
         short_layers=layers_info,
         notes=tuple(notes),
+        overheads=overheads,
+    )
+
+
+def _world_size(cfg: dict[str, Any]) -> int:
+    t = cfg["train"]
+    return int(t.get("devices", 1) or 1) * int(t.get("num_nodes", 1) or 1)
+
+
+def gpu_overheads(cfg: dict[str, Any], st: Any, prof: Any, peak: PhaseEstimate, local: Any = None) -> Overheads:
+    """The GPU terms beside the allocated peak (``gpu.Overheads``), for the phase where the peak is.
+
+    Allocator rounding and segments: the tensors whose sizes are known at the peak are packed tensor by tensor
+    (``gpu.pack``): parameters with their quantization state and buffers, gradients and optimizer state where that
+    phase has them, DeepSpeed's reduce buckets in a backward, AdamW's per-parameter temporaries in an optimizer
+    step. The rest of the peak (activations and the forward's and backward's temporaries) takes the per-tensor
+    rounding and split remainders of the traced step's saved tensors, in proportion to its bytes. ``local`` is the
+    GPU judged against (its compute capability sizes the cuBLAS workspace; a context this process already holds
+    is outside its free memory already).
+    """
+    from blipmon.estimate import gpu
+
+    t = cfg["train"]
+    offload = t["strategy"] == "deepspeed_stage_2_offload"
+    world = _world_size(cfg)
+    known = list(st.resident_tensors)
+    if peak.grads and not offload:
+        known += st.grad_tensors
+    if peak.optim and not offload:
+        known += st.optim_device_tensors
+    if offload and peak.phase == "after_bwd" and st.grads:
+        from blipmon.runner.zero_offload import BUCKET_ELEMENTS
+
+        half = t["precision"] in ("bf16-true", "bf16-mixed", "16-mixed")
+        known += [BUCKET_ELEMENTS * (2 if half else 4)] * 2
+    if peak.phase == "after_opt_step" and not offload and st.optim_step_temp and t["optim"] == "adamw":
+        known += st.grad_tensors if st.optim_step_temp == st.grads else [st.optim_step_temp]
+    fixed = gpu.pack(known)
+    saved = gpu.pack(size for _stack, _layer, size, _what in prof.saved)
+    rest = max(0, peak.total - fixed.requested)
+
+    def share(part: int) -> int:
+        return rest * part // saved.requested if saved.requested else 0
+
+    capability = getattr(local, "capability", None)
+    ds_buffer = 0
+    if offload and st.largest_trainable_numel:
+        ds_buffer = gpu.deepspeed_offload_buffer_bytes(st.largest_trainable_numel, st.trainable_itemsize)
+    return Overheads(
+        allocator_rounding=fixed.rounding + share(saved.rounding),
+        allocator_segments=fixed.segments + share(saved.per_tensor_segments),
+        cublas_workspaces=gpu.CUBLAS_THREADS * gpu.cublas_workspace_bytes(capability, gpu.cublas_env()),
+        ddp_buckets=st.grads if world > 1 and not offload else 0,
+        deepspeed_offload_buffer=ds_buffer,
+        nccl_buffers=gpu.nccl_buffer_bytes(world),
+        # Judged against the free memory of a process that holds its context already: the context is not in it.
+        cuda_context=0 if local is not None and local.own_context and local.free is not None else CUDA_CONTEXT_BYTES,
     )
 
 
