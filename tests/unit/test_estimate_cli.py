@@ -83,7 +83,8 @@ def test_full_size_lab_presets_get_the_labs_verdict(capsys: pytest.CaptureFixtur
     `h100/opt-6.7b` fits only because the lab's language model sees the caption alone (no image placeholders):
     with 32 placeholder tokens more it is predicted over the card (docs/memory-model.md).
     """
-    capacity = {"h100": str(int(79.11 * 1024**3)), "a100": str(int(79.35 * 1024**3))}[preset[:4]]
+    # In bytes, with the unit --gpu-memory requires.
+    capacity = {"h100": f"{int(79.11 * 1024**3)}B", "a100": f"{int(79.35 * 1024**3)}B"}[preset[:4]]
     code, out, _ = run(capsys, preset, "--gpu-memory", capacity)
     assert code == 0
     assert f"verdict  {lab}" in out
@@ -108,5 +109,5 @@ def test_it_says_where_a_run_would_run_out_not_only_where_it_peaks(capsys: pytes
     over = [k for k, p in zip(order, est.phases, strict=True) if p.total + est.runtime_bytes > cap]
     assert (first.step, first.phase) == over[0]
     assert f"step {first.step} {first.phase} (" in est.runs_out_text()
-    code, out, _ = run(capsys, "tiny/blip2-opt", "--set", "train.batch_size=4", "--gpu-memory", str(cap))
+    code, out, _ = run(capsys, "tiny/blip2-opt", "--set", "train.batch_size=4", "--gpu-memory", f"{cap}B")
     assert code == 0 and f"OUT OF MEMORY: runs out at step {first.step} {first.phase}" in out
