@@ -98,7 +98,8 @@ def render(est: Any, *, host_memory: int | None = None, host_bytes: int | None =
     hr = est.headroom_bytes
     lines.append(
         f"peak     {fmt_bytes(est.peak_bytes)} at step {est.peak_step} {est.peak_phase}, "
-        f"+ {fmt_bytes(est.runtime_bytes)} runtime, of {fmt_bytes(est.capacity_bytes)} ({est.capacity_source})"
+        f"+ {fmt_bytes(est.runtime_bytes)} {'GPU overheads' if est.device == 'cuda' else 'runtime'}, "
+        f"of {fmt_bytes(est.capacity_bytes)} ({est.capacity_source})"
     )
     for n in est.notes:
         lines.append(f"note     {n}")
