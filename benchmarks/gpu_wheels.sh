@@ -12,4 +12,9 @@ for pkg in textual mdit-py-plugins linkify-it-py uc-micro-py platformdirs bitsan
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${plat[@]}" -d .whl "$pkg"
 done
+# DeepSpeed is published as a source package only: build its (pure-Python) wheel here, with its one missing need.
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d .whl hjson
+if [ -x .venv/bin/python ]; then
+    .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$(.venv/bin/python -c 'import deepspeed; print(deepspeed.__version__)')"
+fi
 ls -la .whl
