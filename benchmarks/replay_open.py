@@ -72,7 +72,7 @@ def timed(fn):  # noqa: ANN001, ANN201 - tiny helper
 
 def first_frame(run_dir: Path) -> float:
     """Seconds from creating the replay source to the dashboard's first painted frame (headless)."""
-    from blipmon.core.source import ReplaySource
+    from blipmon.core.replay import ReplaySource
     from blipmon.ui.app import BlipmonApp
     from blipmon.ui.live import RunScreen
 
@@ -97,8 +97,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from blipmon.core import timeline as tl  # noqa: F401 - warm imports out of the timings
+    from blipmon.core.replay import ReplaySource
     from blipmon.core.run import load_run
-    from blipmon.core.source import FileFollowSource, ReplaySource
+    from blipmon.runner.follow import FileFollowSource
     from blipmon.ui.widgets.timeline import timeline_lines
 
     t0 = time.perf_counter()

@@ -69,8 +69,8 @@ def build_random(
     import torch
     from accelerate import init_empty_weights
 
-    config, raw = catalog._resolve(model)
-    dtype, quantization = catalog._normalise(dtype, quantization)
+    config, raw = catalog.resolve_config(model)
+    dtype, quantization = catalog.normalise_dtype(dtype, quantization)
     tdtype = getattr(torch, dtype)
     target = torch.device(device)
     if target.type == "cuda" and target.index is None:
@@ -90,9 +90,9 @@ def build_random(
     if raw is not None:
         catalog.untie_like_checkpoint(skeleton, raw)
 
-    keep = catalog._pattern(skeleton._keep_in_fp32_modules) if dtype == "float16" else None
+    keep = catalog.module_pattern(skeleton._keep_in_fp32_modules) if dtype == "float16" else None
     strict_keys = getattr(skeleton, "_keep_in_fp32_modules_strict", None)
-    strict = catalog._pattern(strict_keys) if dtype in ("float16", "bfloat16") else None
+    strict = catalog.module_pattern(strict_keys) if dtype in ("float16", "bfloat16") else None
     # One generator per device the values are drawn on: the target, and the CPU for 8-bit weights (which
     # bitsandbytes quantizes while moving them from the CPU, as transformers does).
     generators = {str(d): torch.Generator(device=d).manual_seed(seed) for d in {torch.device("cpu"), target}}

@@ -176,8 +176,12 @@ def upcast_like_pretrained(model: Any, dtype: Any) -> int:
     import torch
 
     name = str(dtype).removeprefix("torch.")
-    keep = _pattern(model._keep_in_fp32_modules) if name == "float16" else None
-    strict = _pattern(getattr(model, "_keep_in_fp32_modules_strict", None)) if name in ("float16", "bfloat16") else None
+    keep = module_pattern(model._keep_in_fp32_modules) if name == "float16" else None
+    strict = (
+        module_pattern(getattr(model, "_keep_in_fp32_modules_strict", None))
+        if name in ("float16", "bfloat16")
+        else None
+    )
     changed = 0
     for pname, p in model.named_parameters():
         hit = (keep and keep.search(pname)) or (strict and strict.search(pname))
@@ -207,7 +211,7 @@ class _Analysis:
         return sum(p.numel for p in self.params)
 
 
-def _pattern(keys: Any) -> re.Pattern[str] | None:
+def module_pattern(keys: Any) -> re.Pattern[str] | None:
     """transformers' dtype-plan matching: an unanchored search for any of the keys (``*`` as a wildcard)."""
     keys = sorted(keys or ())
     if not keys:
@@ -268,7 +272,7 @@ def _build_meta(config: Any) -> Any:
     return model
 
 
-def _resolve(model: str | dict[str, Any] | Any) -> tuple[Any, dict[str, Any] | None]:
+def resolve_config(model: str | dict[str, Any] | Any) -> tuple[Any, dict[str, Any] | None]:
     """(config, raw config.json dict or None) for a known id, a raw dict or a config object."""
     if isinstance(model, str):
         raw = _raw(_require(model))
@@ -284,7 +288,7 @@ def meta_model(model: str | dict[str, Any] | Any) -> Any:
     ``model`` is a known id, a raw config.json dict or a transformers config. For the estimator and for tests;
     never cached (modules are mutable).
     """
-    config, raw = _resolve(model)
+    config, raw = resolve_config(model)
     built = _build_meta(config)
     if raw is not None:
         untie_like_checkpoint(built, raw)
@@ -313,8 +317,8 @@ def _analyse(config: Any, raw: dict[str, Any] | None, skip_modules: list[str] | 
             quantized[id(module.weight)] = (int(out_f), int(in_f))
     if raw is not None:
         untie_like_checkpoint(model, raw)
-    keep = _pattern(model._keep_in_fp32_modules)
-    strict = _pattern(getattr(model, "_keep_in_fp32_modules_strict", None))
+    keep = module_pattern(model._keep_in_fp32_modules)
+    strict = module_pattern(getattr(model, "_keep_in_fp32_modules_strict", None))
     params = tuple(
         _Param(
             module=name.split(".", 1)[0],
@@ -354,7 +358,7 @@ def _quantized_linear_bytes(out_f: int, in_f: int, quantization: str, double_qua
     return packed + blocks + 4 + 4 * nested_blocks + 4 * BNB_NESTED_CODE_ENTRIES + code
 
 
-def _normalise(dtype: str, quantization: str) -> tuple[str, str]:
+def normalise_dtype(dtype: str, quantization: str) -> tuple[str, str]:
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in _DTYPE_SIZE:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
@@ -365,7 +369,7 @@ def _normalise(dtype: str, quantization: str) -> tuple[str, str]:
 
 
 def _bytes(analysis: _Analysis, dtype: str, quantization: str, double_quant: bool) -> dict[str, int]:
-    dtype, quantization = _normalise(dtype, quantization)
+    dtype, quantization = normalise_dtype(dtype, quantization)
     size = _DTYPE_SIZE[dtype]
     out: dict[str, int] = {}
     for p in analysis.params:
@@ -395,7 +399,7 @@ def param_bytes(
     quantization state (8-bit row scales, 4-bit absmax and code tables). With ``by_module`` the bytes are split by
     top-level module (``vision_model``, ``qformer``, ``language_model``, ...), the unit device maps place.
     """
-    analysis = _analysis_for(_require(model)) if isinstance(model, str) else _analyse(*_resolve(model))
+    analysis = _analysis_for(_require(model)) if isinstance(model, str) else _analyse(*resolve_config(model))
     parts = _bytes(analysis, dtype, quantization, double_quant)
     return parts if by_module else sum(parts.values())
 

@@ -31,7 +31,7 @@ def memory_arg(flag: str, text: str | None) -> int | None:
         raise ConfigError(f"{flag} {e}") from None
 
 
-def main(args: Any) -> int:
+def run(args: Any) -> int:
     from blipmon.core.config import resolve
 
     capacity = memory_arg("--gpu-memory", args.gpu_memory)

@@ -58,7 +58,7 @@ def render_table(items: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Print the known architectures; ``args.json`` switches to a JSON list of ``describe()`` objects."""
     from blipmon.architectures import catalog
 

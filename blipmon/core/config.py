@@ -1,4 +1,4 @@
-"""Run configuration: the TOML schema of DESIGN.md, ``--set`` overrides and validation.
+"""Run configuration: the TOML schema (docs/configuration.md, generated from ``SCHEMA``), ``--set`` overrides and validation.
 
 Validation happens in the parent, before a child is started or a model is touched, so a typo
 costs the user a second instead of a ten-minute load. Every error names the dotted key, the
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blipmon.core.errors import ConfigError
+from blipmon.core.layout import CONFIG, EVENTS
+
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
 OPTIMIZERS = ("adamw", "sgd", "adam_8bit", "paged_adamw_8bit", "deepspeed_cpu")
 STRATEGIES = ("auto", "deepspeed_stage_2_offload", "ddp")
@@ -26,10 +29,6 @@ WEIGHTS = ("pretrained", "random", "auto")
 JOB_KINDS = ("train", "load", "generate")
 DEVICE_MAP_NAMES = ("cuda", "cpu", "auto", "cpu-first")
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A configuration the user must fix; its message is shown as is, without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -520,18 +519,14 @@ def _explicit_auto_with_ranks(explicit: Mapping[str, Any], full: Mapping[str, An
     )
 
 
-RUN_CONFIG = "config.json"  # what a run directory keeps of its configuration (core/profile.py writes it)
-RUN_EVENTS = "events.jsonl"  # its event stream
-
-
 def is_run_dir(path: Path) -> bool:
     """A blipmon run (its configuration and events), not just any folder with a config.json (a model's, say)."""
-    return path.is_dir() and (path / RUN_CONFIG).is_file() and (path / RUN_EVENTS).is_file()
+    return path.is_dir() and (path / CONFIG).is_file() and (path / EVENTS).is_file()
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
     """The configuration a saved run ran with, its name included (a new run gets its own directory)."""
-    f = run_dir / RUN_CONFIG
+    f = run_dir / CONFIG
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -546,17 +541,18 @@ def to_toml(cfg: Mapping[str, Any]) -> str:
     lines: list[str] = []
     scalars = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
     for k, v in scalars.items():
-        lines.append(f"{k} = {_toml_value(v)}")
+        lines.append(f"{k} = {toml_value(v)}")
     for table, body in cfg.items():
         if not isinstance(body, dict):
             continue
         lines.append(f"\n[{table}]")
         for k, v in body.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """One value as TOML writes it (what the dashboard's settings show, and what ``to_toml`` writes)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -566,14 +562,14 @@ def _toml_value(v: Any) -> str:
         # the one character TOML forbids raw that JSON leaves alone.
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_value(k)
 
 
 def caption_tokens(cfg: dict[str, Any]) -> int:

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from blipmon.core.run import CATEGORIES, PHASES, phase_total
-from blipmon.core.source import Snapshot
+from blipmon.core.snapshot import Snapshot
 
 ALL: None = None  # the selection meaning "every rank at once"
 _RECENT = 96  # phase records per rank looked at for the latest step (a few steps, micro-steps included)

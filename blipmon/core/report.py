@@ -37,6 +37,15 @@ class Row:
             return None
         return (min(nums) if self.better == "lower" else max(nums))[1]
 
+    def cell(self, i: int) -> str:
+        """Run ``i``'s value as the table shows it, with its change against run 0 after the first run.
+
+        One line with no control characters: text rows (status, device, where it ran out) are the
+        profiles' own words. The CLI's table and the dashboard's compare view both show this text.
+        """
+        v = self.values[i]
+        return one_line(_fmt(v, self.kind) + (_delta(v, self.values[0], self.kind) if i else ""))
+
 
 def median_step_seconds(run: RunData) -> float | None:
     """Steady-state step time: the first step pays for allocator warm-up and lazy init, so skip it."""
@@ -196,8 +205,8 @@ def render_compare(runs: list[RunData], fmt: str = "table") -> str:
     for row in rows:
         best = row.best_index()
         cells = []
-        for i, v in enumerate(row.values):
-            text = one_line(_fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else ""))
+        for i in range(len(row.values)):
+            text = row.cell(i)
             if best == i:
                 text = f"**{text}**" if fmt == "markdown" else f"{text} *"
             cells.append(text)

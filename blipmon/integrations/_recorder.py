@@ -33,10 +33,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter, write_config
+from blipmon.core.layout import EVENTS
+from blipmon.core.outcomes import run_exit_code
+from blipmon.core.profile import FORMAT_VERSION, EventWriter, write_config
 
 PHASE_INDEX = {"before_fwd": 0, "after_fwd": 1, "after_bwd": 2, "after_opt_step": 3}
-_CODES = {"ok": 0, "error": 1, "oom": 3, "stopped": 4}
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-/ ]+")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -247,7 +248,7 @@ class Recorder:
         import blipmon
         from blipmon.runner.allocator import model_cuda_devices
         from blipmon.runner.batch_check import watch_image_placeholders
-        from blipmon.runner.child import environment
+        from blipmon.runner.environment import environment
         from blipmon.runner.launch import make_run_dir
         from blipmon.runner.probes import PhaseProbe, track_checkpoint_inputs
         from blipmon.runner.sampler import Sampler
@@ -339,7 +340,7 @@ class Recorder:
             self.writer.write("note", message=note)
         if self.sampler is not None:
             self.sampler.stop()
-        self.writer.write("end", status=status, code=_CODES.get(status, 1))
+        self.writer.write("end", status=status, code=run_exit_code(status))
         self.writer.close()
         if sys.excepthook == self._excepthook:
             sys.excepthook = self._prev_excepthook

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     except ImportError:
         raise ImportError("blipmon.integrations.lightning needs Lightning: pip install 'blipmon[lightning]'") from None
 
+from blipmon.core.layout import PROFILES
 from blipmon.integrations._recorder import (
     CallbackOptions,
     Recorder,
@@ -67,7 +68,7 @@ class BlipmonCallback(pl.Callback, CallbackOptions):
 
     def __init__(
         self,
-        out: str | os.PathLike[str] | None = "profiles",
+        out: str | os.PathLike[str] | None = str(PROFILES),
         *,
         name: str | None = None,
         sample_hz: float = 10.0,

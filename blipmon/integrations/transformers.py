@@ -40,6 +40,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from blipmon.core.layout import PROFILES
 from blipmon.integrations._recorder import (
     CallbackOptions,
     Recorder,
@@ -65,7 +66,7 @@ class BlipmonCallback(TrainerCallback, CallbackOptions):
 
     def __init__(
         self,
-        out: str | os.PathLike[str] | None = "profiles",
+        out: str | os.PathLike[str] | None = str(PROFILES),
         *,
         name: str | None = None,
         sample_hz: float = 10.0,

@@ -8,7 +8,6 @@ matching exit code; only a SIGKILL leaves that to the parent.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import signal
 import socket
@@ -19,8 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_OOM, EXIT_STOPPED = 0, 1, 2, 3, 4
-
+from blipmon.core.outcomes import EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EXIT_USAGE
+from blipmon.runner.environment import environment
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
@@ -157,63 +156,6 @@ def _say(text: str, *, err: bool = False) -> None:
         pass
 
 
-def environment(cuda: bool, weights: str | None = None, device: int = 0) -> dict[str, Any]:
-    """An allow-list of facts about the machine: never the environment variables themselves.
-
-    The two allocator variables are the exception (``allocator_settings``): they are configuration
-    (``runtime.alloc_conf``), and what the allocator actually ran with decides fragmentation.
-    ``device`` is the process's own GPU (torch index), whose name and size are recorded.
-    """
-    import psutil
-    import torch
-    import transformers
-
-    import blipmon
-
-    env: dict[str, Any] = {
-        "device": "cuda" if cuda else "cpu",
-        "gpu_name": None,
-        "gpu_total_bytes": None,
-        "host_total_bytes": psutil.virtual_memory().total,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "blipmon": blipmon.__version__,
-        "cpu_count": os.cpu_count(),
-        "allocator_settings": allocator_settings(),
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(device)
-        env["gpu_name"] = props.name
-        env["gpu_total_bytes"] = int(props.total_memory)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["gpu_reason"] = "no NVIDIA GPU visible to torch (CPU build or no driver)"
-    return env
-
-
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-
-
-def allocator_settings() -> dict[str, str | None]:
-    """The allocator settings this process runs with: both variables as it saw them, and torch's own view.
-
-    Newer torch reads ``PYTORCH_ALLOC_CONF`` and deprecates ``PYTORCH_CUDA_ALLOC_CONF``; older torch
-    reads only the latter. ``torch`` is the settings string torch parsed (``None`` where this torch
-    cannot say), so a run records what was in effect, not only what was asked for.
-    """
-    import torch
-
-    out: dict[str, str | None] = {name: os.environ.get(name) for name in ALLOC_ENV}
-    try:
-        out["torch"] = str(torch._C._accelerator_getAllocatorSettings())
-    except Exception:  # an older torch, or a build without it
-        out["torch"] = None
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -226,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     # here instead of killing it before it has recorded anything; pending ones arrive now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    from blipmon.core.profile import ProfileError, read_config
+    from blipmon.core.errors import ProfileError
+    from blipmon.core.profile import read_config
 
     try:
         cfg_raw = read_config(run_dir)
@@ -240,7 +183,8 @@ def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run
     """Run one job and record it into ``run_dir``; returns the exit code. Also usable in-process."""
     import blipmon
     from blipmon.core import config as config_mod
-    from blipmon.core.profile import EVENTS, FORMAT_VERSION, EventWriter
+    from blipmon.core.layout import EVENTS
+    from blipmon.core.profile import FORMAT_VERSION, EventWriter
     from blipmon.runner.distributed import Dist
 
     dist = Dist.from_env()

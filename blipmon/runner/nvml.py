@@ -408,7 +408,77 @@ def own_memory(procs: Iterable[GpuProcess] | None, pids: set[int]) -> tuple[int 
     return sum(int(p.used or 0) for p in mine), ""
 
 
+# -- every device a command could use (blipmon watch) ----------------------------------------------
+class GpuDevices:
+    """Every device a CUDA process could run on (each GPU, or its MIG devices in MIG mode), or none with the reason.
+
+    Each query is guarded on its own (:class:`blipmon.runner.nvml.Nvml`): a refusal costs that figure,
+    with one note through ``note``, never the sample. ``module`` stands in for ``pynvml`` in tests.
+    """
+
+    def __init__(self, module: Any = None, note: Note | None = None) -> None:
+        self.units: list[NvmlDevice] = []
+        self.reason: str | None = None
+        self._nvml: Nvml | None = None
+        try:
+            self._nvml = Nvml(module, note=note)
+            self.units = self._nvml.devices()
+            if not self.units:
+                self.reason = "NVML reports no NVIDIA device"
+        except Exception as e:  # every machine without an NVIDIA driver ends here: one note, not an error
+            self.reason = f"NVML unavailable ({describe(e)})"
+            self.units = []
+
+    def __bool__(self) -> bool:
+        return bool(self.units)
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name or "NVIDIA GPU" for u in self.units]
+
+    @property
+    def totals(self) -> list[int | None]:
+        return [u.total for u in self.units]
+
+    def used(self) -> list[int | None]:
+        """Used bytes per device; None where NVML refused (noted once per device)."""
+        assert self._nvml is not None
+        out: list[int | None] = []
+        for u in self.units:
+            mem = self._nvml.memory(u)
+            out.append(mem[0] if mem else None)
+        return out
+
+    def processes(self) -> list[list[GpuProcess] | None]:
+        """Processes per device (compute and graphics contexts); None where NVML refused (noted once)."""
+        assert self._nvml is not None
+        return [self._nvml.processes(u, graphics=True) for u in self.units]
+
+    def named_by(self, visible: str | None) -> set[int]:
+        """Indices into :attr:`units` that a ``CUDA_VISIBLE_DEVICES`` value lets a process use (none for ``""``)."""
+        entries = parse_visible_devices(visible)
+        if not entries:
+            return set()
+        out: set[int] = set()
+        for i, u in enumerate(self.units):
+            if any(_names(e, u) for e in entries):
+                out.add(i)
+        return out
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.shutdown()
+
+
+def _names(entry: int | str, unit: NvmlDevice) -> bool:
+    """Whether one ``CUDA_VISIBLE_DEVICES`` entry (an NVML index or a UUID prefix) names ``unit``."""
+    if isinstance(entry, int):
+        return unit.nvml_index == entry
+    return bool(unit.uuid) and normalize_uuid(unit.uuid).startswith(normalize_uuid(entry))
+
+
 __all__ = [
+    "GpuDevices",
     "GpuProcess",
     "Nvml",
     "NvmlDevice",

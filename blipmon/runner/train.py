@@ -6,7 +6,6 @@ them and nothing else (a logger, a progress bar) allocates between them.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from blipmon.runner.batch_check import watch_image_placeholders
 from blipmon.runner.data import make_dataset
 from blipmon.runner.distributed import Dist
 from blipmon.runner.models import LoadedModel
+from blipmon.runner.precision import autocast_for
 from blipmon.runner.probes import NullProbe, PhaseProbe, track_checkpoint_inputs
 
 DELIBERATE_NO_PLACEHOLDERS = (
@@ -103,12 +103,9 @@ def _drop_input_require_grads_hooks(model: Any) -> int:
     return removed
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
+# The estimator (blipmon/estimate/activations.py) still imports this name; it goes once the estimator imports
+# ``blipmon.runner.precision.autocast_for`` (the one definition) instead.
+_autocast = autocast_for
 
 
 def _to_device(
@@ -271,7 +268,7 @@ def run_train(
                     out = engine(**batch)
                 loss = out.loss
             else:
-                with probe.saved.track(), _autocast(t["precision"], loaded.device):
+                with probe.saved.track(), autocast_for(t["precision"], loaded.device):
                     out = model(**batch)
                 loss = out.loss / acc
             del out

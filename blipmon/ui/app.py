@@ -17,10 +17,14 @@ from textual.binding import Binding
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
-from blipmon.core.profile import ProfileError
+from blipmon.core.errors import LaunchError, ProfileError
+from blipmon.core.layout import SWEEP_LOG
+from blipmon.core.outcomes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
+from blipmon.core.replay import ReplaySource
 from blipmon.core.safe_text import one_line, printable
-from blipmon.core.source import FileFollowSource, ReplaySource, RunSource
-from blipmon.ui.control import LaunchError, LiveRun
+from blipmon.core.snapshot import RunSource
+from blipmon.runner.detached import LiveRun
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.export import export_path
 from blipmon.ui.live import RunResult, RunScreen
 
@@ -109,7 +113,7 @@ def run_live(cfg: dict[str, Any], out: Path | None) -> int:
         live = LiveRun(cfg, out)
     except LaunchError as e:
         _say(f"{e}")
-        return 1
+        return EXIT_ERROR
     _say(f"recording {cfg.get('name', 'run')} into {live.run_dir}")
     source = FileFollowSource(live.run_dir, mode="live")
     result = BlipmonApp(RunScreen(source, live)).run()
@@ -132,21 +136,22 @@ def run_live(cfg: dict[str, Any], out: Path | None) -> int:
 def run_sweep_live(configs: list[str], overrides: list[str], out: Path | None, fmt: str = "table") -> int:
     """``blipmon sweep CONFIG... --live``: start the sweep, watch its queue, return its exit code.
 
-    The sweep runs as a detached ``blipmon sweep`` (see ``ui/sweep.py``), so leaving the dashboard
+    The sweep runs as a detached ``blipmon sweep`` (``runner/sweep_control.py``: ``LiveSweep``), so leaving the dashboard
     with it still going loses nothing: it goes on, and its runs keep arriving in the sweep folder.
     Leaving it running returns 0, like ``run --live``. When it has ended, the comparison table is
     printed in ``fmt`` too, as the headless sweep prints it, so ``--live`` loses no output.
     """
-    from blipmon.commands.sweep import load_sweep_runs
     from blipmon.core.report import render_compare
-    from blipmon.ui.sweep import LiveSweep, SweepResult, SweepScreen
+    from blipmon.core.sweep import load_sweep_runs
+    from blipmon.runner.sweep_control import LiveSweep
+    from blipmon.ui.sweep import SweepResult, SweepScreen
 
     _say(f"starting a sweep of {' '.join(configs)}…")
     try:
         live = LiveSweep(configs, overrides, out)
     except LaunchError as e:
         _say(f"{e}")
-        return 2
+        return EXIT_USAGE
     _say(f"sweep into {live.sweep_dir}")
     result = BlipmonApp(SweepScreen(live.sweep_dir, live)).run()
     code = result.code if isinstance(result, SweepResult) and not result.left_running else None
@@ -155,12 +160,12 @@ def run_sweep_live(configs: list[str], overrides: list[str], out: Path | None, f
     if code is None:
         _say(
             f"the sweep is still running (pid {live.pid}); its runs are in {live.sweep_dir} "
-            f"(its progress: {live.sweep_dir / 'sweep.log'}); watch it again with `blipmon attach {live.sweep_dir}`",
+            f"(its progress: {live.sweep_dir / SWEEP_LOG}); watch it again with `blipmon attach {live.sweep_dir}`",
         )
         print(live.sweep_dir)
         return 0
-    if code < 0 or code == 130:  # killed by a signal, or interrupted outside a run: "stopped or killed"
-        code = 4
+    if code < 0 or code == EXIT_INTERRUPTED:  # killed by a signal, or interrupted outside a run: stopped or killed
+        code = EXIT_STOPPED
     try:
         runs = load_sweep_runs(live.sweep_dir)
     except ProfileError as e:
@@ -185,7 +190,7 @@ def run_attach(run_dir: Path) -> int:
 def run_replay(run_dir: Path, speed: float) -> int:
     """``blipmon replay RUN --speed X``: the run view driven by a saved run."""
     source = ReplaySource(Path(run_dir), speed=speed)
-    problem = getattr(source, "_problem", None)
+    problem = source.problem
     if problem:
         source.close()
         raise ProfileError(problem)
@@ -196,10 +201,11 @@ def run_sweep_attach(sweep_dir: Path) -> int:
     """``blipmon attach <sweep dir>``: the queue of a sweep started elsewhere; leaving never stops it.
 
     ``s`` stops it by the pid in its ``sweep.json``, only once psutil confirms that pid is this sweep
-    (``ui/sweep.py``: ``AttachedSweep``). A sweep that has already ended opens as finished. Exit 0,
+    (``runner/sweep_control.py``: ``AttachedSweep``). A sweep that has already ended opens as finished. Exit 0,
     like attaching to a run: the sweep's own exit code belongs to whoever started it.
     """
-    from blipmon.ui.sweep import AttachedSweep, SweepScreen
+    from blipmon.runner.sweep_control import AttachedSweep
+    from blipmon.ui.sweep import SweepScreen
 
     sweep_dir = Path(sweep_dir)
     control = AttachedSweep(sweep_dir)
@@ -216,7 +222,8 @@ def run_sweep_replay(sweep_dir: Path, speed: float = 1.0) -> int:
     queue of a sweep that moves on would be wrong a minute later, and its runs cannot be replayed
     to the end yet.
     """
-    from blipmon.ui.sweep import AttachedSweep, SweepScreen
+    from blipmon.runner.sweep_control import AttachedSweep
+    from blipmon.ui.sweep import SweepScreen
 
     sweep_dir = Path(sweep_dir)
     control = AttachedSweep(sweep_dir)

@@ -22,8 +22,8 @@ from textual.strip import Strip
 from textual.widgets import DataTable, Footer, Static
 
 from blipmon.core import timeline as tl
-from blipmon.core.profile import ProfileError
-from blipmon.core.report import _delta, _fmt, compare_rows
+from blipmon.core.errors import ProfileError
+from blipmon.core.report import compare_rows
 from blipmon.core.run import RunData, load_run
 from blipmon.core.safe_text import one_line
 from blipmon.core.units import fmt_bytes
@@ -43,9 +43,8 @@ def table_cells(runs: list[RunData]) -> list[list[Text]]:
     for row in compare_rows(runs):
         best = row.best_index()
         cells = [Text(row.label, style="bold")]
-        for i, v in enumerate(row.values):
-            # text rows (status, device, where it ran out) are the profiles' words: one line, no controls
-            text = one_line(_fmt(v, row.kind) + (_delta(v, row.values[0], row.kind) if i else ""))
+        for i in range(len(row.values)):
+            text = row.cell(i)  # one line, no controls: text rows are the profiles' words
             if best == i:
                 cells.append(Text("★ " + text, style=Style(color="#87d787", bold=True)))
             else:

@@ -16,7 +16,6 @@ The sweep folders under ``./profiles`` are listed too (``saved sweeps``, when th
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,219 +31,15 @@ from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from blipmon.core import config, presets
-from blipmon.core.profile import EVENTS, ProfileError, iter_run_dirs
-from blipmon.core.run import load_run
+from blipmon.core.config_form import setting_hint, settings_of, validate_edits
+from blipmon.core.errors import LaunchError, ProfileError
+from blipmon.core.layout import EVENTS, PROFILES
+from blipmon.core.listing import RunEntry, forget_entry, list_runs
 from blipmon.core.safe_text import control_pictures, one_line, printable
 from blipmon.core.units import fmt_bytes
+from blipmon.runner.sweep_control import AttachedSweep, SweepEntry, list_sweeps
 from blipmon.ui.dialogs import ChoiceScreen, ConfirmScreen, HelpScreen, binding_keys
 from blipmon.ui.widgets.estimate import EstimatePanel
-
-PROFILES = Path("profiles")
-HIDDEN_KEYS = ("description",)
-
-
-@dataclass(frozen=True)
-class RunEntry:
-    """A saved run as the list shows it; read once per change of its events file."""
-
-    path: Path
-    name: str
-    status: str
-    peak: int | None
-    config: dict[str, Any]
-    stamp: tuple[float, int]
-
-
-_ENTRY_CACHE: dict[Path, RunEntry] = {}
-
-
-def read_entry(path: Path) -> RunEntry | None:
-    """Status and peak of a saved run (cached until its events file changes); None if unreadable."""
-    try:
-        st = (path / EVENTS).stat()
-    except OSError:
-        return None
-    stamp = (st.st_mtime, st.st_size)
-    cached = _ENTRY_CACHE.get(path)
-    if cached is not None and cached.stamp == stamp:
-        return cached
-    try:
-        run = load_run(path)
-    except (ProfileError, OSError):
-        return None
-    pk = run.peaks()
-    peak = pk["allocated"] if pk["allocated"] is not None else pk["host_rss"]
-    entry = RunEntry(path, run.name, run.status, peak, run.config, stamp)
-    _ENTRY_CACHE[path] = entry
-    return entry
-
-
-@dataclass(frozen=True)
-class SweepEntry:
-    """A sweep folder as the list shows it: running or done, and how its configurations ended."""
-
-    path: Path
-    running: bool
-    summary: str  # "2 ok · 1 oom · 1 queued"
-    started: float
-
-
-def list_sweeps(root: Path = PROFILES) -> list[SweepEntry]:
-    """Sweep folders (with a readable ``sweep.json``) directly under ``root``, newest first.
-
-    Read afresh each time (a ``sweep.json`` is a few hundred bytes), because "still running" can
-    change without the file changing: the sweep may die.
-    """
-    from blipmon.commands.sweep import SWEEP_FILE, read_sweep_file
-    from blipmon.ui.sweep import sweep_alive
-
-    if not root.is_dir():
-        return []
-    out: list[SweepEntry] = []
-    try:
-        children = sorted(root.iterdir(), key=_listing_order)
-    except OSError:
-        return []
-    seen: set[Path] = set()
-    for p in children:
-        if not (p / SWEEP_FILE).is_file():
-            continue
-        real = _real(p)
-        if real in seen:  # a symlink to a folder already listed (or to profiles/ itself)
-            continue
-        seen.add(real)
-        doc = read_sweep_file(p)
-        if doc is None:
-            continue
-        counts: dict[str, int] = {}
-        for c in doc["configs"]:
-            status = str(c.get("status") or "pending").replace("pending", "queued")
-            counts[status] = counts.get(status, 0) + 1
-        running = not doc.get("finished") and sweep_alive(doc)
-        started = doc.get("started")
-        out.append(
-            SweepEntry(
-                p,
-                running,
-                " · ".join(f"{n} {st}" for st, n in counts.items()),
-                float(started) if isinstance(started, (int, float)) else 0.0,
-            )
-        )
-    out.sort(key=lambda e: (e.started, e.path.name), reverse=True)
-    return out
-
-
-def list_runs(root: Path = PROFILES) -> list[RunEntry]:
-    """The saved runs under ``root``, newest first, each once.
-
-    ``iter_run_dirs`` looks one folder deep (sweeps), so a symlink inside ``profiles/`` (to
-    ``profiles/`` itself, to a run, to a sweep) would list the same runs again under another
-    path: runs are told apart by their real path, and the path with the fewest hops is kept. An
-    unreadable folder lists nothing rather than failing the launcher.
-    """
-    try:
-        found = list(iter_run_dirs(root))
-    except OSError:
-        return []
-    best: dict[Path, Path] = {}
-    for p in found:
-        real = _real(p)
-        if real not in best or _listing_order(p) < _listing_order(best[real]):
-            best[real] = p
-    out = []
-    for p in found:
-        if best[_real(p)] != p:
-            continue
-        e = read_entry(p)
-        if e is not None:
-            out.append(e)
-    return out
-
-
-def _real(p: Path) -> Path:
-    """``p`` with every symlink resolved (a loop resolves as far as it goes: it is still one key)."""
-    try:
-        return p.resolve()
-    except (OSError, RuntimeError):
-        return p.absolute()
-
-
-def _listing_order(p: Path) -> tuple[int, int, str]:
-    """Which of several paths to one folder to show: not through a symlink, then the shortest, then by name."""
-    try:
-        hops = sum(1 for q in (p, *p.parents) if q.is_symlink())
-    except OSError:
-        hops = 0
-    return hops, len(p.parts), str(p)
-
-
-def display_value(v: Any) -> str:
-    """A setting as the user types it: the TOML value, without quotes around plain strings.
-
-    An empty string stays empty (the field shows nothing, and its hint is shown apart: ``setting_hint``).
-    A saved run's configuration is someone else's text: control characters are made visible.
-    """
-    if isinstance(v, str):
-        return one_line(v)
-    return one_line(config._toml_value(v))  # noqa: SLF001 - the one TOML writer the project has
-
-
-# What a setting means where the schema has no help of its own (shown when its field has focus).
-_HINTS = {
-    "runtime.alloc_conf": "PYTORCH_CUDA_ALLOC_CONF for the child, e.g. max_split_size_mb:128; empty = PyTorch's default",
-}
-
-
-def setting_hint(key: str) -> str:
-    """What is allowed in ``key`` and what it means: the settings box shows it while the field has focus.
-
-    Never inside the field (as a placeholder): in an empty field, a placeholder such as ``a string``
-    reads as the value.
-    """
-    f = config.SCHEMA[key]
-    about = f.help or _HINTS.get(key, "")
-    return f"{key}: {f.allowed()}" + (f" — {about}" if about else "")
-
-
-def settings_of(cfg: dict[str, Any]) -> dict[str, str]:
-    """Every schema key's current text for the form."""
-    out = {}
-    for key in config.SCHEMA:
-        if key in HIDDEN_KEYS:
-            continue
-        try:
-            out[key] = display_value(config.get(cfg, key))
-        except (KeyError, TypeError):
-            out[key] = display_value(config.SCHEMA[key].default)
-    return out
-
-
-def validate_edits(
-    base: dict[str, Any], original: dict[str, str], edited: dict[str, str]
-) -> tuple[dict[str, Any] | None, dict[str, str], list[str]]:
-    """Apply the changed fields to ``base`` and validate: (config or None, errors by key, other errors)."""
-    items = [f"{k}={v}" for k, v in edited.items() if v != original.get(k)]
-    try:
-        override = config.parse_set(items)
-        return config.validate(config.merge(base, override)), {}, []
-    except config.ConfigError as e:
-        return None, *split_errors(str(e))
-
-
-def split_errors(message: str) -> tuple[dict[str, str], list[str]]:
-    """Attach each line of a ConfigError to the setting it names (the longest key it mentions)."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.startswith("invalid configuration")]
-    by_key: dict[str, str] = {}
-    rest: list[str] = []
-    keys = sorted(config.SCHEMA, key=len, reverse=True)
-    for line in lines:
-        key = next((k for k in keys if line.startswith(k) or line.startswith(f"--set {k}")), None)
-        key = key or next((k for k in keys if k in line), None)
-        if key is not None and key not in HIDDEN_KEYS:
-            by_key[key] = (by_key[key] + "; " if key in by_key else "") + line
-        else:
-            rest.append(line)
-    return by_key, rest
 
 
 def _row(marked: bool | None, name: str, detail: str | None = None) -> Text:
@@ -610,9 +405,8 @@ class LauncherScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="launch")
     def _launch_sweep(self, configs: list[str]) -> None:
-        from blipmon.commands.sweep import expand
-        from blipmon.ui.control import LaunchError
-        from blipmon.ui.sweep import LiveSweep
+        from blipmon.core.sweep import expand
+        from blipmon.runner.sweep_control import LiveSweep
 
         try:
             expand(configs)  # a bad preset says so here, not in a folder nobody looks at
@@ -640,7 +434,7 @@ class LauncherScreen(Screen[None]):
 
     def _open_sweep(self, sweep: SweepEntry) -> None:
         """Its queue: followed (and stoppable, by its checked pid) while it runs, else the finished sweep."""
-        from blipmon.ui.sweep import AttachedSweep, SweepScreen
+        from blipmon.ui.sweep import SweepScreen
 
         control = AttachedSweep(sweep.path)
         if control.running() and not (control.doc() or {}).get("finished"):
@@ -673,7 +467,7 @@ class LauncherScreen(Screen[None]):
         except OSError as err:
             self.notify(f"could not delete {path}: {err}", severity="error")
             return
-        _ENTRY_CACHE.pop(path, None)
+        forget_entry(path)
         self.runs = [r for r in self.runs if r.path != path]
         self.marked = [p for p in self.marked if p != path]
         self.selected = None
@@ -689,7 +483,8 @@ class LauncherScreen(Screen[None]):
         if e is None:
             self.action_edit()
             return
-        from blipmon.core.source import FileFollowSource, ReplaySource
+        from blipmon.core.replay import ReplaySource
+        from blipmon.runner.follow import FileFollowSource
         from blipmon.ui.live import RunScreen
 
         try:
@@ -711,8 +506,8 @@ class LauncherScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="launch")
     def _launch(self, cfg: dict[str, Any]) -> None:
-        from blipmon.runner.launch import preflight
-        from blipmon.ui.control import LaunchError, LiveRun
+        from blipmon.runner.detached import LiveRun
+        from blipmon.runner.preflight import preflight
 
         try:
             preflight(cfg)
@@ -723,7 +518,7 @@ class LauncherScreen(Screen[None]):
         self.app.call_from_thread(self._show_live, live)
 
     def _show_live(self, live: Any) -> None:
-        from blipmon.core.source import FileFollowSource
+        from blipmon.runner.follow import FileFollowSource
         from blipmon.ui.live import RunScreen
 
         self.app.push_screen(

@@ -22,10 +22,13 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Log, Static
 
+from blipmon.core.layout import LOG
+from blipmon.core.logtail import LOG_LINES
+from blipmon.core.outcomes import EXIT_STOPPED, run_exit_code
 from blipmon.core.ranks import ALL, next_rank, rank_view
 from blipmon.core.safe_text import one_line
-from blipmon.core.source import LOG_LINES, RunSource, Snapshot
-from blipmon.ui.control import LiveRun, exit_code_for
+from blipmon.core.snapshot import RunSource, Snapshot
+from blipmon.runner.detached import LiveRun
 from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
 from blipmon.ui.widgets.phase_bars import PhaseBars
 from blipmon.ui.widgets.run_header import RunHeader, banner_content, banner_text
@@ -111,7 +114,7 @@ class RunScreen(Screen[RunResult]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#log", Log).border_title = "child.log"
+        self.query_one("#log", Log).border_title = LOG
         self.query_one("#banner").display = False
         self.tick()
         self.set_interval(self.refresh_seconds, self.tick)
@@ -208,7 +211,9 @@ class RunScreen(Screen[RunResult]):
         self.app.call_from_thread(self.notify, "stopping the run…", timeout=10)
         self.live.stop()
         code = self.live.wait(timeout=30)
-        self.app.call_from_thread(self._finish, RunResult(code if code is not None else 4, run_dir=self.live.run_dir))
+        self.app.call_from_thread(
+            self._finish, RunResult(code if code is not None else EXIT_STOPPED, run_dir=self.live.run_dir)
+        )
 
     def _result(self) -> RunResult:
         if self.live is not None:
@@ -216,7 +221,7 @@ class RunScreen(Screen[RunResult]):
             if code is None and self.snapshot is not None and self.snapshot.finished:
                 code = self.live.wait(timeout=5)
             if code is None and self.snapshot is not None:
-                code = exit_code_for(self.snapshot.status)
+                code = run_exit_code(self.snapshot.status)
             return RunResult(code, run_dir=self.live.run_dir)
         return RunResult(None, run_dir=self.source.run_dir)
 

@@ -1,38 +1,18 @@
 """The sweep view: a sweep's queue as it runs, the current run's live view, and the comparison at the end.
 
-Why the view follows files instead of talking to the sweep: the sweep is an ordinary
-``blipmon sweep`` started as a detached child in its own session (``LiveSweep``), like a run's
-supervisor (``ui/supervise.py``), so that leaving the dashboard or closing the terminal never ends
-it. Everything shown here is what that child writes anyway: ``sweep.json`` (rewritten atomically
-when each run starts and ends: every configuration with its status and run directory) and each
-run's ``events.jsonl`` (the current run's steps and peak). So nothing is lost when the dashboard
-goes away, and the headless sweep and this view can never disagree.
-
-``SweepFollower`` (no Textual) turns those files into ``QueueState``; ``SweepScreen`` shows it.
-
-The same screen opens on a sweep this dashboard did not start (``blipmon attach <sweep dir>``, a
-sweep left running, one started in another terminal) through ``AttachedSweep``, and on a finished
-one (``blipmon replay <sweep dir>``) with no process at all. An attached sweep is known only by the
-``pid`` in its ``sweep.json``, and a pid can be reused once the sweep has ended, so before signalling
-it (or believing it is alive) ``sweep_process`` checks with psutil that the process on that pid is
-a ``blipmon ... sweep`` started no later than the sweep itself, on this host.
+The view follows files, never the sweep process: ``SweepFollower`` (``runner/sweep_follow.py``)
+turns ``sweep.json`` and the current run's events into a ``QueueState`` (``core/sweep.py``) and this
+screen draws it. The process is a ``SweepControl`` (``runner/sweep_control.py``): one this dashboard
+started (``LiveSweep``: leaving asks whether to stop it), one started elsewhere (``AttachedSweep``:
+leaving never stops it), or none at all for a finished sweep (``blipmon replay <sweep dir>``).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import psutil
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -40,18 +20,18 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from blipmon.commands.sweep import EXIT_CODES, load_sweep_runs, read_sweep_file, sweep_eta, sweep_exit_code
-from blipmon.core.profile import EventReader, ProfileError
-from blipmon.core.report import oom_where
-from blipmon.core.run import RunData, load_run
+from blipmon.core.errors import ProfileError
+from blipmon.core.layout import EVENTS
+from blipmon.core.outcomes import EXIT_STOPPED
+from blipmon.core.run import RunData
 from blipmon.core.safe_text import one_line
+from blipmon.core.sweep import FINAL, QueueRow, QueueState, load_sweep_runs
 from blipmon.core.units import fmt_bytes, fmt_seconds
-from blipmon.ui.control import DetachedProcess, LaunchError
+from blipmon.runner.sweep_control import NotTheSweep, SweepControl
+from blipmon.runner.sweep_follow import SweepFollower
 from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
 
-PROFILES = Path("profiles")
 REFRESH_SECONDS = 0.5
-FINAL = frozenset(EXIT_CODES) | {"not run"}  # statuses a configuration keeps once the sweep is past it
 STATUS_STYLE = {
     "queued": "dim",
     "running": "bold cyan",
@@ -65,407 +45,6 @@ STATUS_STYLE = {
 }
 
 
-# -- the sweep process -----------------------------------------------------------------------------
-def sweep_command(configs: Sequence[str], overrides: Sequence[str] = (), out: Path | None = None) -> list[str]:
-    """The argument list of the detached sweep (never a shell string); ``--`` keeps odd names configs."""
-    cmd = [sys.executable, "-m", "blipmon", "sweep", "--out", str(out if out is not None else PROFILES)]
-    for item in overrides:
-        cmd += ["--set", item]
-    return [*cmd, "--announce", "--", *configs]
-
-
-class LiveSweep(DetachedProcess):
-    """A sweep this dashboard started: ``sweep_dir``, ``stop()``, ``poll()``; leaving does not end it.
-
-    Starting blocks until the sweep has validated and preflighted every configuration and made its
-    folder (a few seconds: preflight imports torch), so call it from a worker thread in the UI.
-    Before that line, the child's stderr goes to a temporary file rather than a pipe: a pipe nobody
-    drains could fill and block it, and the file still gives us its error if it refuses to start.
-    """
-
-    owned = True
-
-    def __init__(self, configs: Sequence[str], overrides: Sequence[str] = (), out: Path | None = None) -> None:
-        self.configs = list(configs)
-        self.command = sweep_command(self.configs, overrides, out)
-        self.stops = 0
-        with tempfile.TemporaryFile() as err:
-            try:
-                self.proc = subprocess.Popen(
-                    self.command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=err,
-                    start_new_session=True,  # no SIGINT/SIGHUP from our terminal: it outlives the dashboard
-                    close_fds=True,
-                )
-            except OSError as e:
-                raise LaunchError(f"cannot start the sweep: {e}") from None
-            assert self.proc.stdout is not None
-            try:
-                line = self.proc.stdout.readline().decode("utf-8", "replace").strip()
-            finally:
-                self.proc.stdout.close()
-            if not line.startswith("sweep "):
-                code = self.proc.wait()
-                err.seek(0)
-                lines = [ln.removeprefix("blipmon: ") for ln in err.read().decode("utf-8", "replace").splitlines()]
-                message = "\n".join(ln for ln in lines if ln.strip())[-2000:]
-                raise LaunchError(message or f"the sweep could not be started (exit {code})")
-        self.sweep_dir = Path(line[6:])
-
-    def stop(self) -> None:
-        """Stop the sweep as Ctrl-C does: the current run is saved as stopped, the rest skipped.
-
-        A second call kills the current run at once (the sweep's own second-interrupt rule).
-        """
-        self.stops += 1
-        self._terminate()
-
-
-class SweepControl(Protocol):
-    """What the sweep view needs from a sweep process: ``LiveSweep`` (started here) or ``AttachedSweep``."""
-
-    owned: bool  # started by this dashboard: leaving asks whether to stop it
-    stops: int
-
-    def poll(self) -> int | None: ...
-
-    def running(self) -> bool: ...
-
-    def stop(self) -> None: ...
-
-    def wait(self, timeout: float | None = None) -> int | None: ...
-
-
-class NotTheSweep(Exception):
-    """The pid in ``sweep.json`` cannot be taken for the sweep: the reason, and whether the sweep is surely gone.
-
-    ``gone`` is False when we simply cannot tell (no pid recorded, another host, no permission): the
-    sweep may still be running, so the view keeps following ``sweep.json`` but never signals anything.
-    """
-
-    def __init__(self, message: str, *, gone: bool) -> None:
-        super().__init__(message)
-        self.gone = gone
-
-
-# A process started this long after the sweep's ``started`` stamp cannot be it (the stamp is taken
-# after the sweep's own start-up, so the real one is always older); the slack absorbs clock rounding.
-_START_SLACK_S = 2.0
-
-
-def is_sweep_cmdline(cmdline: Sequence[str]) -> bool:
-    """``python -m blipmon sweep ...`` or ``.../bin/blipmon sweep ...``: a ``blipmon`` word, then ``sweep``.
-
-    Requiring ``sweep`` right after the program rather than anywhere keeps out, say, an editor on
-    ``blipmon/commands/sweep.py`` or ``blipmon attach profiles/x-sweep``.
-    """
-    words = list(cmdline)
-    return any(os.path.basename(w).startswith("blipmon") and words[i + 1] == "sweep" for i, w in enumerate(words[:-1]))
-
-
-def sweep_process(doc: dict[str, Any] | None) -> psutil.Process:
-    """The live process of the sweep ``doc`` (its ``sweep.json``) describes, or ``NotTheSweep`` saying why not."""
-    pid = (doc or {}).get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        raise NotTheSweep("this sweep's sweep.json names no process", gone=False)
-    host = (doc or {}).get("hostname")
-    if isinstance(host, str) and host and host != socket.gethostname():
-        raise NotTheSweep(f"this sweep runs on {host}, not on this machine: stop it there", gone=False)
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            raise NotTheSweep(f"the sweep (pid {pid}) has ended", gone=True)
-        cmdline = proc.cmdline()
-        created = proc.create_time()
-    except psutil.NoSuchProcess:
-        raise NotTheSweep(f"the sweep (pid {pid}) has ended", gone=True) from None
-    except psutil.AccessDenied:
-        raise NotTheSweep(
-            f"pid {pid}: not allowed to check that it is the sweep, so it is not signalled", gone=False
-        ) from None
-    if not is_sweep_cmdline(cmdline):
-        shown = " ".join(cmdline)[:80] or "?"
-        raise NotTheSweep(f"pid {pid} is no longer this sweep (it is `{shown}`): nothing was signalled", gone=True)
-    started = (doc or {}).get("started")
-    if isinstance(started, (int, float)) and created > float(started) + _START_SLACK_S:
-        raise NotTheSweep(
-            f"pid {pid} started after this sweep did: the sweep has ended and its pid was reused", gone=True
-        )
-    return proc
-
-
-def sweep_alive(doc: dict[str, Any] | None) -> bool:
-    """Whether the sweep may still be running: False only when its process is surely gone."""
-    try:
-        sweep_process(doc)
-    except NotTheSweep as e:
-        return not e.gone
-    return True
-
-
-def doc_exit_code(doc: dict[str, Any] | None) -> int | None:
-    """``blipmon sweep``'s exit code for what ``sweep.json`` says, once its process has gone.
-
-    We are not its parent, so nobody tells us its exit status. A configuration still ``running``
-    or ``pending`` (a refused one is ``pending`` with its reason until the sweep reaches it) means
-    the sweep died before the end: "stopped or killed", 4, as for one that was interrupted.
-    """
-    if doc is None:
-        return None
-    codes: list[int | None] = []
-    for c in doc["configs"]:
-        status = str(c.get("status") or "pending")
-        if status == "pending" and c.get("reason"):
-            status = "refused"
-        codes.append(4 if status in ("running", "pending", "not run") else EXIT_CODES.get(status))
-    return sweep_exit_code(codes)
-
-
-class AttachedSweep:
-    """A sweep started elsewhere (another terminal, a dashboard that left it running), known by its folder.
-
-    Same face as ``LiveSweep`` for the view. It is not our child, so there is no exit status to
-    collect: whether it runs comes from the pid in ``sweep.json`` (checked by ``sweep_process``),
-    and its exit code from the outcomes recorded there. ``stop()`` sends SIGTERM, which the sweep
-    treats as Ctrl-C (the current run saved as stopped, the rest skipped); a second one kills the
-    current run. It refuses, with ``NotTheSweep``, to signal a pid that is not this sweep.
-    """
-
-    owned = False
-
-    def __init__(self, sweep_dir: Path) -> None:
-        self.sweep_dir = Path(sweep_dir)
-        self.stops = 0
-        self._gone = False
-
-    def doc(self) -> dict[str, Any] | None:
-        return read_sweep_file(self.sweep_dir)
-
-    @property
-    def pid(self) -> int | None:
-        pid = (self.doc() or {}).get("pid")
-        return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
-
-    def running(self) -> bool:
-        """False once the sweep's process is surely gone (and from then on: a pid never comes back)."""
-        if not self._gone:
-            self._gone = not sweep_alive(self.doc())
-        return not self._gone
-
-    def poll(self) -> int | None:
-        return None if self.running() else doc_exit_code(self.doc())
-
-    def stop(self) -> None:
-        proc = sweep_process(self.doc())  # raises NotTheSweep: nothing is signalled
-        try:
-            proc.send_signal(signal.SIGTERM)  # psutil re-checks the pid's start time: never a reused pid
-        except psutil.NoSuchProcess:
-            raise NotTheSweep("the sweep has ended", gone=True) from None
-        self.stops += 1
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.running():
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(0.2)
-        return self.poll()
-
-
-# -- the queue, from the sweep's files (no Textual) --------------------------------------------------
-@dataclass(frozen=True)
-class QueueRow:
-    """One configuration as the queue shows it."""
-
-    index: int
-    name: str
-    status: str  # queued | running | ok | oom | error | refused | stopped | killed | not run
-    run_dir: Path | None
-    steps: str
-    peak: int | None
-    seconds: float | None
-    note: str  # the refusal reason, the error, where it ran out of memory
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """The whole sweep at one moment."""
-
-    sweep_dir: Path
-    rows: tuple[QueueRow, ...]
-    elapsed: float
-    eta: float | None
-    finished: bool
-    readable: bool  # False until sweep.json exists (a moment after the folder)
-
-    @property
-    def current(self) -> QueueRow | None:
-        return next((r for r in self.rows if r.status == "running"), None)
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.rows:
-            out[r.status] = out.get(r.status, 0) + 1
-        return out
-
-    def exit_code(self) -> int:
-        """``blipmon sweep``'s exit code for what the queue shows (when the process's own is not known)."""
-        return sweep_exit_code(
-            [EXIT_CODES.get(r.status) for r in self.rows] + [4 if self.counts().get("not run") else 0]
-        )
-
-
-def _peak(run: RunData) -> int | None:
-    p = run.peaks()
-    return p["allocated"] if p["allocated"] is not None else (p["host_rss"] or None)
-
-
-def _steps_text(run: RunData) -> str:
-    total = run.plan.get("total_steps")
-    done = len(run.steps)
-    if isinstance(total, int) and total > 0:
-        return f"{done}/{total}"
-    if run.config.get("job", {}).get("kind") in ("load", "generate") and not done:
-        return run.config["job"]["kind"]
-    return str(done) if done or run.header else "—"
-
-
-def _note(run: RunData | None, status: str) -> str:
-    if run is None:
-        return ""
-    if status == "oom" and run.oom:
-        return f"out of memory at {oom_where(run)}"
-    if status == "error" and run.error:
-        msg = str(run.error.get("message", "")).strip().splitlines()
-        return msg[0] if msg else "error"
-    return ""
-
-
-@dataclass
-class _Finished:
-    steps: str
-    peak: int | None
-    note: str
-
-
-class SweepFollower:
-    """Follows a sweep folder: ``poll()`` reads ``sweep.json`` and the current run's new events.
-
-    The current run is followed incrementally (only new bytes each poll); a finished run is read
-    once and remembered, so a long sweep costs the same per poll at its tenth run as at its first.
-    ``ended`` says whether the sweep process is gone (it may die without writing ``finished``).
-    """
-
-    def __init__(
-        self, sweep_dir: Path, *, ended: Callable[[], bool] | None = None, clock: Callable[[], float] = time.time
-    ) -> None:
-        self.sweep_dir = Path(sweep_dir)
-        self.ended = ended or self._pid_gone
-        self.clock = clock
-        self.doc: dict[str, Any] | None = None
-        self._current: tuple[Path, RunData, EventReader] | None = None
-        self._done: dict[Path, _Finished] = {}
-        self._last_elapsed = 0.0
-
-    def _pid_gone(self) -> bool:
-        # Not just "is the pid alive": once the sweep has ended its pid may be another process's.
-        if self.doc is None:
-            return False
-        return not sweep_alive(self.doc)
-
-    def _follow(self, run_dir: Path) -> RunData:
-        if self._current is None or self._current[0] != run_dir:
-            self._current = (run_dir, RunData(path=run_dir), EventReader(run_dir))
-        _, run, reader = self._current
-        try:
-            run.follow(reader)
-        except (ProfileError, OSError):
-            pass  # not there yet, or cut mid-record: the next poll reads on
-        return run
-
-    def _finished(self, run_dir: Path, status: str) -> _Finished:
-        cached = self._done.get(run_dir)
-        if cached is not None:
-            return cached
-        run: RunData | None
-        if self._current is not None and self._current[0] == run_dir:
-            run = self._follow(run_dir)  # read its last records; no need to read it all again
-            self._current = None
-        else:
-            try:
-                run = load_run(run_dir)
-            except (ProfileError, OSError):
-                run = None
-        facts = _Finished(
-            _steps_text(run) if run is not None and run.header else "—",
-            _peak(run) if run is not None else None,
-            _note(run, status) or ("" if run is not None and run.header else "nothing recorded; see child.log"),
-        )
-        self._done[run_dir] = facts
-        return facts
-
-    def poll(self) -> QueueState:
-        doc = read_sweep_file(self.sweep_dir)
-        if doc is not None:
-            self.doc = doc
-        doc = self.doc
-        ended = self.ended()
-        if doc is None:
-            return QueueState(self.sweep_dir, (), 0.0, None, ended, False)
-        finished = bool(doc.get("finished")) or ended
-        now = self.clock()
-        rows: list[QueueRow] = []
-        durations: list[float] = []
-        current_left: float | None = None
-        runs_left = 0
-        for i, c in enumerate(doc["configs"], 1):
-            name = str(c.get("name") or "run")
-            status = str(c.get("status") or "pending")
-            reason = c.get("reason")
-            rd = c.get("run_dir")
-            run_dir = self.sweep_dir / rd if isinstance(rd, str) and rd else None
-            seconds = c.get("seconds") if isinstance(c.get("seconds"), (int, float)) else None
-            steps, peak, note = "—", None, ""
-            if status == "refused" or (status == "pending" and reason):
-                status, note = "refused", str(reason or "")
-            elif status == "pending":
-                status = "queued"
-                runs_left += 1
-            elif status == "running" and run_dir is not None:
-                run = self._follow(run_dir)
-                steps, peak = _steps_text(run), _peak(run)
-                started = run.header.get("started")
-                seconds = max(now - started, 0.0) if isinstance(started, (int, float)) else run.last_t
-                total = run.plan.get("total_steps")
-                if isinstance(total, int) and total > 0 and run.steps:
-                    current_left = seconds / len(run.steps) * max(total - len(run.steps), 0)
-                if finished:  # the sweep died under it: say what the run itself recorded
-                    status = run.status
-            elif status == "not run":
-                note = "skipped: the sweep was stopped"
-            elif run_dir is not None:
-                facts = self._finished(run_dir, status)
-                steps, peak, note = facts.steps, facts.peak, facts.note
-            if status in EXIT_CODES and status != "refused" and seconds is not None:
-                durations.append(float(seconds))
-            rows.append(QueueRow(i, name, status, run_dir, steps, peak, seconds, note))
-        started = doc.get("started")
-        if isinstance(doc.get("ended"), (int, float)) and isinstance(started, (int, float)):
-            elapsed = float(doc["ended"]) - float(started)
-        elif finished:
-            elapsed = self._last_elapsed
-        else:
-            elapsed = max(now - float(started), 0.0) if isinstance(started, (int, float)) else 0.0
-        self._last_elapsed = elapsed
-        running = any(r.status == "running" for r in rows)
-        current_seconds = next((r.seconds for r in rows if r.status == "running"), None)
-        eta = None if finished else sweep_eta(durations, runs_left, current_left if running else None, current_seconds)
-        return QueueState(self.sweep_dir, tuple(rows), elapsed, eta, finished, True)
-
-
-# -- the screen --------------------------------------------------------------------------------------
 class SweepResult:
     """How the user left the sweep view: the sweep's exit code if known, and whether it was left running."""
 
@@ -728,7 +307,7 @@ class SweepScreen(Screen[SweepResult]):
         row = self.selected()
         if row is None:
             return
-        if row.run_dir is None or not (row.run_dir / "events.jsonl").exists():
+        if row.run_dir is None or not (row.run_dir / EVENTS).exists():
             why = {"queued": "it has not started yet", "refused": "it was refused: nothing ran"}
             self.notify(f"{row.name}: {why.get(row.status, 'nothing was recorded')}", severity="warning")
             return
@@ -742,7 +321,8 @@ class SweepScreen(Screen[SweepResult]):
         self._open_run(row)
 
     def _open_run(self, row: QueueRow) -> None:
-        from blipmon.core.source import FileFollowSource, ReplaySource
+        from blipmon.core.replay import ReplaySource
+        from blipmon.runner.follow import FileFollowSource
         from blipmon.ui.live import RunScreen
 
         assert row.run_dir is not None
@@ -754,7 +334,7 @@ class SweepScreen(Screen[SweepResult]):
         except (ProfileError, OSError) as err:
             self.notify(str(err), severity="error")
             return
-        problem = getattr(source, "_problem", None)
+        problem = source.problem
         if problem:
             source.close()
             self.notify(problem, severity="error")
@@ -843,7 +423,9 @@ class SweepScreen(Screen[SweepResult]):
         self.app.call_from_thread(self.notify, "stopping the sweep…", timeout=10)
         self.live.stop()
         code = self.live.wait(timeout=60)
-        self.app.call_from_thread(self._finish, SweepResult(code if code is not None else 4, sweep_dir=self.sweep_dir))
+        self.app.call_from_thread(
+            self._finish, SweepResult(code if code is not None else EXIT_STOPPED, sweep_dir=self.sweep_dir)
+        )
 
     def _result(self) -> SweepResult:
         code: int | None = None
@@ -860,19 +442,4 @@ class SweepScreen(Screen[SweepResult]):
         self.dismiss(result)
 
 
-__all__ = [
-    "AttachedSweep",
-    "LiveSweep",
-    "NotTheSweep",
-    "QueueRow",
-    "QueueState",
-    "SweepControl",
-    "SweepFollower",
-    "SweepResult",
-    "SweepScreen",
-    "doc_exit_code",
-    "is_sweep_cmdline",
-    "sweep_alive",
-    "sweep_command",
-    "sweep_process",
-]
+__all__ = ["COLUMNS", "SweepResult", "SweepScreen", "header_text", "row_cells"]

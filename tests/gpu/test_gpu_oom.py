@@ -63,7 +63,7 @@ def test_the_bf16_check_reads_nvml_and_leaves_cuda_uninitialised_in_the_parent()
     code = (
         "import json, torch\n"
         "from blipmon.core.config import resolve\n"
-        "from blipmon.runner.launch import bf16_capability, preflight\n"
+        "from blipmon.runner.preflight import bf16_capability, preflight\n"
         "check = bf16_capability([0])\n"
         "refused = None\n"
         "try:\n"

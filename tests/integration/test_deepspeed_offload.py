@@ -18,7 +18,7 @@ import deepspeed  # noqa: F401 - the test extra installs it: a broken install fa
 import pytest
 
 from blipmon.core.run import RunData, load_run
-from blipmon.runner.launch import preflight
+from blipmon.runner.preflight import preflight
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

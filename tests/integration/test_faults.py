@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from blipmon.core.config import resolve
-from blipmon.core.profile import EVENTS
+from blipmon.core.layout import EVENTS
 from blipmon.core.run import RunData
 from blipmon.runner.launch import make_run_dir, run_dir_name
 

@@ -17,6 +17,8 @@ import pytest
 from support import BROKEN, NEEDS_GPU, PATIENCE_S
 
 from blipmon.commands import sweep
+from blipmon.core import outcomes
+from blipmon.core import sweep as sweep_data
 from blipmon.core.config import ConfigError
 from blipmon.core.run import load_run
 
@@ -124,7 +126,7 @@ def test_a_typo_anywhere_stops_the_sweep_before_anything_runs(tmp_path: Path) ->
     bad = tmp_path / "bad.toml"
     bad.write_text(LOAD.replace("[job]", "[job]\nkidn = 1"))
     with pytest.raises(ConfigError) as e:
-        sweep.expand([str(good), str(bad), "tiny/blip2-op"])
+        sweep_data.expand([str(good), str(bad), "tiny/blip2-op"])
     text = str(e.value)
     assert "kidn" in text and "tiny/blip2-op" in text
 
@@ -137,7 +139,7 @@ def test_a_group_expands_to_its_presets_and_refusals_go_to_json(
     if torch.cuda.is_available():
         pytest.skip("with a GPU the h100 presets would really run")
     args = argparse.Namespace(configs=["h100/"], out=tmp_path, format="json")
-    code = sweep.main(args)
+    code = sweep.run(args)
     assert code == 2  # nothing ran, everything refused
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["runs"]) == 15
@@ -152,4 +154,4 @@ def test_a_group_expands_to_its_presets_and_refusals_go_to_json(
     [([0, 0], 0), ([0, 2], 2), ([2, 3], 3), ([3, 1], 1), ([1, 4], 4), ([], 0), ([None, 0], 0)],
 )
 def test_exit_code_severity(codes: list[int | None], expected: int) -> None:
-    assert sweep.sweep_exit_code(codes) == expected
+    assert outcomes.sweep_exit_code(codes) == expected

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from support import PATIENCE_S, read_events, subprocess_env
 
-from blipmon.commands.watch import GpuDevices, run_name
 from blipmon.core.run import load_run
+from blipmon.runner.nvml import GpuDevices
+from blipmon.runner.watch import run_name
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from ui_helpers import FrozenClock, drive, gpu_events, screen_text, wait_until
 
-from blipmon.core.profile import ProfileError, check_run_dir
+from blipmon.core.errors import ProfileError
+from blipmon.core.profile import check_run_dir
 from blipmon.core.run import check_follow_dir
-from blipmon.core.source import FileFollowSource
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.live import RunScreen
 

@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blipmon.core.profile import EventReader, ProfileError, parse_numbers
-from blipmon.core.run import RunData, Samples, load_run
+from blipmon.core.errors import ProfileError
+from blipmon.core.profile import EventReader
+from blipmon.core.run import RunData, load_run
+from blipmon.core.sample_lines import parse_numbers
+from blipmon.core.samples import Samples
 
 ODD_LINES = [
     '{"type":"sample","t":1e-05,"rss":5}',

@@ -12,7 +12,9 @@ from typing import Any
 
 from ui_helpers import FrozenClock, drive, gpu_events, screen_text, write_run
 
-from blipmon.core.source import LOG_TAIL_BYTES, FileFollowSource, LogTail, ReplaySource
+from blipmon.core.logtail import LOG_TAIL_BYTES, LogTail
+from blipmon.core.replay import ReplaySource
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.live import RunScreen
 

@@ -28,9 +28,10 @@ from rich.console import Console
 from textual.widgets import Input, OptionList
 from ui_helpers import FrozenClock, drive, gpu_events, screen_text, wait_until, write_doc, write_run
 
+from blipmon.core.replay import ReplaySource
 from blipmon.core.report import render_compare, render_show
 from blipmon.core.run import load_run
-from blipmon.core.source import FileFollowSource, ReplaySource
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.compare import CompareScreen
 from blipmon.ui.dialogs import ChoiceScreen

@@ -16,8 +16,10 @@ import pytest
 from textual.widgets import OptionList
 from ui_helpers import drive, gpu_events, wait_until, write_doc, write_run
 
+from blipmon.core.listing import list_runs
+from blipmon.runner.sweep_control import list_sweeps
 from blipmon.ui.app import BlipmonApp
-from blipmon.ui.launcher import LauncherScreen, list_runs, list_sweeps
+from blipmon.ui.launcher import LauncherScreen
 
 
 def _profiles(tmp_path: Path) -> tuple[Path, list[Path], Path]:

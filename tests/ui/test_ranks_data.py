@@ -15,8 +15,10 @@ from rank_helpers import RANK1_LESS_ACTS, RANK1_OTHER, TINY_DDP, ddp_gpu_events
 from ui_helpers import GIB, MIB, FrozenClock, write_run
 
 from blipmon.core.ranks import ALL, bar_total, choose_steps, combine_steps, next_rank, phase_spread, rank_view
+from blipmon.core.replay import ReplaySource
 from blipmon.core.run import PHASES, load_run
-from blipmon.core.source import FileFollowSource, ReplaySource, Snapshot
+from blipmon.core.snapshot import Snapshot
+from blipmon.runner.follow import FileFollowSource
 
 
 def _snap(path: Path) -> Snapshot:

@@ -20,7 +20,9 @@ from ui_helpers import FrozenClock, drive, screen_text, write_run
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import ALL
-from blipmon.core.source import FileFollowSource, ReplaySource, Snapshot
+from blipmon.core.replay import ReplaySource
+from blipmon.core.snapshot import Snapshot
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.live import RunScreen
 from blipmon.ui.widgets.timeline import TimelineChart, timeline_lines

@@ -18,8 +18,10 @@ from ui_helpers import GIB, MIB, FrozenClock, drive, screen_text, write_run
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import ALL, rank_view
-from blipmon.core.source import FileFollowSource, ReplaySource, Snapshot
+from blipmon.core.replay import ReplaySource
+from blipmon.core.snapshot import Snapshot
 from blipmon.core.units import fmt_bytes
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.live import RunScreen
 from blipmon.ui.widgets.run_header import header_lines

@@ -10,7 +10,8 @@ import pytest
 from textual.widgets import DataTable, Input, OptionList
 from ui_helpers import FrozenClock, drive, gpu_events, screen_text, write_run
 
-from blipmon.core.source import FileFollowSource, ReplaySource
+from blipmon.core.replay import ReplaySource
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.compare import CompareScreen
 from blipmon.ui.dialogs import ChoiceScreen, HelpScreen
@@ -394,8 +395,8 @@ def test_launcher_run_key_launches_and_shows_the_live_view(
             started.append(cfg)
             super().__init__(write_run(tmp_path / "launched", gpu_events(finished=False)[:40]))
 
-    monkeypatch.setattr("blipmon.ui.control.LiveRun", Live)
-    monkeypatch.setattr("blipmon.runner.launch.preflight", lambda cfg: None)
+    monkeypatch.setattr("blipmon.runner.detached.LiveRun", Live)
+    monkeypatch.setattr("blipmon.runner.preflight.preflight", lambda cfg: None)
 
     async def script(pilot: Any) -> None:
         _highlight(pilot, "preset:tiny/blip2-opt")

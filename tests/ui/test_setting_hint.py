@@ -16,8 +16,9 @@ from textual.widgets import Input
 from ui_helpers import drive, screen_text
 
 from blipmon.core import config, presets
+from blipmon.core.config_form import setting_hint
 from blipmon.ui.app import BlipmonApp
-from blipmon.ui.launcher import LauncherScreen, setting_hint
+from blipmon.ui.launcher import LauncherScreen
 
 
 def test_the_hint_says_what_a_setting_takes(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from ui_helpers import FrozenClock, gpu_events, write_run
 
-from blipmon.core.source import FileFollowSource, LogTail, ReplaySource, open_source
+from blipmon.core.logtail import LogTail
+from blipmon.core.replay import ReplaySource
+from blipmon.runner.follow import FileFollowSource, open_source
 
 
 def test_follow_sees_records_as_they_are_written(tmp_path: Path, clock: FrozenClock) -> None:

@@ -23,7 +23,8 @@ import psutil
 import pytest
 from ui_helpers import PATIENCE_S, FrozenClock, drive, gpu_events, screen_text, wait_until, write_run
 
-from blipmon.core.source import STALL_SECONDS, FileFollowSource, Stall
+from blipmon.core.snapshot import Stall
+from blipmon.runner.follow import STALL_SECONDS, FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.live import RunScreen
 

@@ -25,20 +25,20 @@ from ui_helpers import compared, gpu_events, screen_text, wait_until, write_doc,
 from ui_helpers import drive as _drive
 
 from blipmon import cli
-from blipmon.ui.app import BlipmonApp
-from blipmon.ui.dialogs import ChoiceScreen
-from blipmon.ui.launcher import LauncherScreen, list_sweeps
-from blipmon.ui.live import RunScreen
-from blipmon.ui.sweep import (
+from blipmon.runner.sweep_control import (
     AttachedSweep,
     LiveSweep,
     NotTheSweep,
-    SweepResult,
-    SweepScreen,
     is_sweep_cmdline,
+    list_sweeps,
     sweep_alive,
     sweep_process,
 )
+from blipmon.ui.app import BlipmonApp
+from blipmon.ui.dialogs import ChoiceScreen
+from blipmon.ui.launcher import LauncherScreen
+from blipmon.ui.live import RunScreen
+from blipmon.ui.sweep import SweepResult, SweepScreen
 
 
 def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (110, 30)) -> Any:
@@ -358,7 +358,7 @@ def test_leaving_a_live_sweep_running_says_how_to_come_back(
         def poll(self) -> int | None:
             return None
 
-    monkeypatch.setattr("blipmon.ui.sweep.LiveSweep", StillGoing)
+    monkeypatch.setattr("blipmon.runner.sweep_control.LiveSweep", StillGoing)
     monkeypatch.setattr(app_module.BlipmonApp, "run", lambda self: SweepResult(None, left_running=True, sweep_dir=d))
     assert app_module.run_sweep_live(["tiny/"], [], tmp_path) == 0
     out = capsys.readouterr()

@@ -20,12 +20,14 @@ from ui_helpers import compared, gpu_events, screen_text, wait_until, write_doc,
 from ui_helpers import drive as _drive
 
 from blipmon.core.config import ConfigError
+from blipmon.core.errors import LaunchError
+from blipmon.runner.sweep_control import LiveSweep, sweep_command
+from blipmon.runner.sweep_follow import SweepFollower
 from blipmon.ui.app import BlipmonApp
-from blipmon.ui.control import LaunchError
 from blipmon.ui.dialogs import ChoiceScreen
 from blipmon.ui.launcher import LauncherScreen
 from blipmon.ui.live import RunScreen
-from blipmon.ui.sweep import LiveSweep, SweepFollower, SweepResult, SweepScreen, sweep_command
+from blipmon.ui.sweep import SweepResult, SweepScreen
 
 
 def drive(app: BlipmonApp, script: Callable[[Any], Awaitable[None]], size: tuple[int, int] = (100, 30)) -> Any:
@@ -308,7 +310,7 @@ def _highlight(pilot: Any, oid: str) -> None:
 
 def test_launcher_sweeps_marked_presets_or_a_whole_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("blipmon.ui.sweep.LiveSweep", FakeSweep)
+    monkeypatch.setattr("blipmon.runner.sweep_control.LiveSweep", FakeSweep)
     FakeSweep.started = []
     root = tmp_path / "profiles"
     app = BlipmonApp(LauncherScreen(root))
@@ -358,12 +360,12 @@ def test_launcher_sweep_of_a_preset_that_does_not_validate_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("blipmon.ui.sweep.LiveSweep", FakeSweep)
+    monkeypatch.setattr("blipmon.runner.sweep_control.LiveSweep", FakeSweep)
 
     def bad(configs: list[str], overrides: Any = None) -> Any:
         raise ConfigError("the sweep was not started:\n  tiny/x: broken")
 
-    monkeypatch.setattr("blipmon.commands.sweep.expand", bad)
+    monkeypatch.setattr("blipmon.core.sweep.expand", bad)
     FakeSweep.started = []
     app = BlipmonApp(LauncherScreen(tmp_path / "profiles"))
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from textual.app import App, ComposeResult
 from ui_helpers import FrozenClock, gpu_events, write_run
 
-from blipmon.core.source import FileFollowSource, ReplaySource, Snapshot
+from blipmon.core.replay import ReplaySource
+from blipmon.core.snapshot import Snapshot
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.widgets.phase_bars import phase_bar_lines
 from blipmon.ui.widgets.run_header import banner_text, device_text, header_lines
 from blipmon.ui.widgets.steps import step_lines

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from blipmon.core.config import ConfigError, resolve
-from blipmon.runner import launch
-from blipmon.runner.launch import bf16_capability, preflight
+from blipmon.runner import preflight as preflight_mod
+from blipmon.runner.preflight import bf16_capability, preflight
 
 
 class NVMLError(Exception):
@@ -82,7 +82,7 @@ def parent(monkeypatch: pytest.MonkeyPatch) -> Any:
     def forbidden(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("the parent must not touch torch.cuda (it creates a CUDA context on GPU 0)")
 
-    monkeypatch.setattr(launch, "cuda_available", lambda: True)
+    monkeypatch.setattr(preflight_mod, "cuda_available", lambda: True)
     for name in ("is_bf16_supported", "init", "get_device_capability", "get_device_properties", "current_device"):
         monkeypatch.setattr(torch.cuda, name, forbidden)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -159,8 +159,11 @@ def test_auto_and_ddp_check_every_gpu_they_use(parent: Any, monkeypatch: pytest.
     single = resolve("tiny/blip2-opt", ["train.precision=bf16-mixed", "model.device_map=cuda"])
     preflight(single)  # one process: torch index 0, the H100
     preflight(resolve("tiny/blip2-opt", ["train.precision=bf16-mixed", "model.device_map=auto"]))  # train: its own
-    assert launch.target_cuda_indices(resolve("tiny/blip2-opt", ["train.strategy=ddp", "train.devices=2"])) == [0, 1]
-    assert launch.target_cuda_indices(resolve("tiny/blip2-opt", ['model.device_map={"" = 1}'])) == [1]
+    assert preflight_mod.target_cuda_indices(resolve("tiny/blip2-opt", ["train.strategy=ddp", "train.devices=2"])) == [
+        0,
+        1,
+    ]
+    assert preflight_mod.target_cuda_indices(resolve("tiny/blip2-opt", ['model.device_map={"" = 1}'])) == [1]
 
 
 def test_no_nvml_refuses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,7 +172,7 @@ def test_no_nvml_refuses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
             raise NVMLError("Driver Not Loaded")
 
     assert bf16_capability([0], nvml=Broken(), environ={}).supported is None
-    monkeypatch.setattr(launch, "cuda_available", lambda: True)
+    monkeypatch.setattr(preflight_mod, "cuda_available", lambda: True)
     monkeypatch.setitem(sys.modules, "pynvml", Broken())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("called torch.cuda"))
     preflight(resolve("tiny/blip2-opt", ["train.precision=bf16-mixed", "model.device_map=cuda"]))

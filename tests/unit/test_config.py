@@ -425,8 +425,8 @@ def test_a_damaged_run_configuration_is_a_config_error(tmp_path: Path) -> None:
 
 def test_a_sweep_takes_saved_runs_beside_presets(tmp_path: Path) -> None:
     """A folder with a run's config.json is that run, not a folder of TOML files."""
-    from blipmon.commands.sweep import expand
     from blipmon.core.profile import write_config
+    from blipmon.core.sweep import expand
 
     run_dir = tmp_path / "20261123T120000-tiny-blip2-opt"
     run_dir.mkdir()

@@ -16,14 +16,7 @@ import torch
 
 from blipmon.core.units import requested_bytes_from_message
 from blipmon.runner import child
-from blipmon.runner.child import (
-    OomObserver,
-    _follow_model,
-    _Gpus,
-    _record_failure,
-    expected_cuda_device,
-    load_memory,
-)
+from blipmon.runner.child import OomObserver, _follow_model, _Gpus, _record_failure, expected_cuda_device, load_memory
 from blipmon.runner.train import Cursor
 
 GIB, MIB = 1024**3, 1024**2

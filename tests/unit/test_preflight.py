@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blipmon.core.config import ConfigError, resolve
-from blipmon.runner.launch import preflight
+from blipmon.runner.preflight import preflight
 
 SPLIT = (
     '{language_model = "cpu", vision_model = "cpu", qformer = "cpu", query_tokens = "cpu", language_projection = "cpu"}'

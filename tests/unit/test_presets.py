@@ -201,7 +201,7 @@ def gpu_only(name: str) -> bool:
 
 @pytest.mark.parametrize("name", presets.names())
 def test_preflight_on_a_machine_without_a_gpu(name: str) -> None:
-    from blipmon.runner.launch import needs_gpu, preflight
+    from blipmon.runner.preflight import needs_gpu, preflight
 
     cfg = config.resolve(name)
     assert (needs_gpu(cfg) is not None) == gpu_only(name)
@@ -218,13 +218,13 @@ def test_preflight_on_a_machine_without_a_gpu(name: str) -> None:
 
 
 def test_the_cpu_advice_is_accepted_by_preflight() -> None:
-    from blipmon.runner.launch import preflight
+    from blipmon.runner.preflight import preflight
 
     preflight(config.resolve("h100/baseline", ["model.device_map=cpu"]), cuda=False)
 
 
 def test_gpu_presets_pass_preflight_where_there_is_a_gpu() -> None:
-    from blipmon.runner.launch import preflight
+    from blipmon.runner.preflight import preflight
 
     preflight(config.resolve("h100/baseline"), cuda=True)
 

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 
 from blipmon import cli
+from blipmon.core.errors import ProfileError
+from blipmon.core.layout import CONFIG, EVENTS
 from blipmon.core.profile import (
-    CONFIG,
-    EVENTS,
     FORMAT_VERSION,
     EventReader,
     EventWriter,
-    ProfileError,
-    SampleBatch,
     check_run_dir,
     iter_run_dirs,
     read_all,
@@ -29,6 +27,7 @@ from blipmon.core.profile import (
     write_config,
 )
 from blipmon.core.run import RunData, load_run
+from blipmon.core.sample_lines import SampleBatch
 
 HEADER = {"type": "header", "t": 0.0, "format_version": FORMAT_VERSION, "name": "r", "pid": 1, "hostname": "x"}
 
@@ -359,7 +358,7 @@ def test_sample_batch_keeps_the_rank_through_fill_merge_and_concat(tmp_path: Pat
     batches = []
     while True:
         _, b = reader.poll_batch(max_bytes=700)
-        if not len(b) and reader._offset >= (d / EVENTS).stat().st_size:
+        if not len(b) and reader.offset >= (d / EVENTS).stat().st_size:
             break
         batches.append(b)
     whole = SampleBatch.concat(batches)

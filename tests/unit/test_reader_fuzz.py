@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blipmon.core.profile import ProfileError
+from blipmon.core.errors import ProfileError
 from blipmon.core.report import render_compare, render_show
 from blipmon.core.run import load_run
 

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from blipmon import cli
-from blipmon.core.profile import EVENTS
-from blipmon.core.run import PHASES, STATUSES, RunData, load_run, phase_total
+from blipmon.core.layout import EVENTS
+from blipmon.core.outcomes import RUN_STATUSES as STATUSES
+from blipmon.core.run import PHASES, RunData, load_run, phase_total
 
 GIB = 1024**3
 HERE = socket.gethostname()

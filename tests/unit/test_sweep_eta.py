@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blipmon.commands.sweep import sweep_eta
+from blipmon.core.sweep import sweep_eta
 
 
 def test_remaining_runs_take_the_mean_finished_run() -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import blipmon.runner.launch as launch_mod
-from blipmon.commands import sweep
 from blipmon.core import config
+from blipmon.core import sweep as sweep_data
+from blipmon.runner import sweep
 
 
 class _StartedThenInterrupted:
@@ -45,7 +46,7 @@ class _Quiet(sweep.Progress):
 
 def test_a_ctrl_c_while_starting_ends_the_sweep(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(launch_mod, "Launch", _StartedThenInterrupted)
-    e = sweep.Entry("tiny/blip2-opt", config.resolve("tiny/blip2-opt"))
+    e = sweep_data.Entry("tiny/blip2-opt", config.resolve("tiny/blip2-opt"))
     progress = _Quiet()
     assert sweep._run_one(0, e, tmp_path, progress, 2) is False
     assert e.status == "stopped"

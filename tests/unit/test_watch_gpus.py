@@ -19,8 +19,8 @@ import fake_nvml as fk
 import pytest
 from support import PATIENCE_S, read_events, subprocess_env
 
-from blipmon.commands.watch import Watch
 from blipmon.core.run import load_run
+from blipmon.runner.watch import Watch
 
 GIB = 1024**3
 MIB = 1024**2
@@ -184,7 +184,7 @@ DRIVER = textwrap.dedent(
     import psutil
     sys.path.insert(0, sys.argv[2])
     import fake_nvml as fk
-    from blipmon.commands.watch import Watch
+    from blipmon.runner.watch import Watch
     from blipmon.core.profile import write_config
 
     GIB = 1024**3

@@ -1,6 +1,6 @@
 """``blipmon watch`` ends when its command ends, whatever sample rate it was given.
 
-The rate's range is the CLI's business (``--sample-hz``); these call ``blipmon.commands.watch.main`` with
+The rate's range is the CLI's business (``--sample-hz``); these call ``blipmon.runner.watch.record`` with
 an argument namespace, as the CLI does after parsing, so the recorder itself is held to every value: a
 rate of 1e-9 per second once slept 31 years after the first sample, deaf to SIGTERM and SIGINT. Each
 test runs the recorder in a process of its own (it adopts orphans and reaps every child) and waits for
@@ -26,7 +26,7 @@ from blipmon.core.run import load_run
 RECORDER = textwrap.dedent(
     """
     import argparse, json, sys
-    from blipmon.commands.watch import main
+    from blipmon.runner.watch import record as main
     out, hz, cmd = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
     sys.exit(main(argparse.Namespace(cmd=["--", *cmd], sample_hz=hz, out=out)))
     """

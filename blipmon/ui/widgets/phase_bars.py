@@ -21,7 +21,7 @@ from textual.strip import Strip
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import PhaseSpread, RankView, phase_peak, rank_view
 from blipmon.core.run import PHASES
-from blipmon.core.source import Snapshot
+from blipmon.core.snapshot import Snapshot
 from blipmon.core.units import fmt_bytes
 from blipmon.ui import theme
 from blipmon.ui.widgets.base import LinesWidget, strip

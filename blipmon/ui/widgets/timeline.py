@@ -15,7 +15,7 @@ from rich.style import Style
 from textual.strip import Strip
 
 from blipmon.core import timeline as tl
-from blipmon.core.source import Snapshot
+from blipmon.core.snapshot import Snapshot
 from blipmon.core.units import fmt_bytes
 from blipmon.ui import theme
 from blipmon.ui.widgets.base import LinesWidget, strip
