@@ -1,4 +1,4 @@
-"""The dashboard's CPU use while following a live run (goal, DESIGN.md: <= 10% of one core).
+"""The dashboard's CPU use while following a live run (goal, BENCHMARKS.md: <= 10% of one core).
 
 A writer process appends a CUDA-shaped run at the real rates (samples at 10 Hz, a phase record
 every 0.5 s, a step every 2 s, a log line per step); ``blipmon attach`` follows it in a real

@@ -6,7 +6,7 @@ process so machine noise hits both alike. Prints median step time with / without
 
     python benchmarks/overhead.py [CONFIG] [--rounds N] [--set K=V ...]
 
-Goal (DESIGN.md): <= 1.05 on CPU with the tiny model, <= 1.02 on a GPU.
+Goal (BENCHMARKS.md): <= 1.05 on CPU with the tiny model, <= 1.02 on a GPU.
 """
 
 from __future__ import annotations

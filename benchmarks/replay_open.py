@@ -1,4 +1,4 @@
-"""Time to open a 1,000,000-sample profile for replay (goal, DESIGN.md: <= 1 s).
+"""Time to open a 1,000,000-sample profile for replay (goal, BENCHMARKS.md: <= 1 s).
 
 Writes a CUDA-shaped profile (samples with rss/alloc/res/dev/proc_gpu at 10 Hz, four phases and a
 step every 2 s: ~28 hours of samples, ~120 MB) unless one is already there, then measures:

@@ -21,6 +21,7 @@ trains a real tiny model, and the tests read the profile it wrote.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recorded import DATA, TINY_DDP, FrozenClock, ddp_gpu_events, gpu_events, write_run
 from support import PATIENCE_S, adamw_state_after_one_step, adamw_step_counter_bytes, read_events, subprocess_env
 
 from blipmon.core.run import RunData
@@ -325,3 +327,35 @@ def run_cli(blipmon_cache: Path) -> Callable[..., subprocess.CompletedProcess[st
 @pytest.fixture(scope="session")
 def load_run() -> Callable[[Path], RunData]:
     return _load_run
+
+
+# -- recorded runs (tests/recorded.py), copied into each test's own folder --------------------------
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock()
+
+
+@pytest.fixture
+def cpu_run(tmp_path: Path) -> Path:
+    dst = tmp_path / "profiles" / "20261123T123615-tiny-blip2-opt"
+    shutil.copytree(DATA / "tiny-cpu", dst)
+    return dst
+
+
+@pytest.fixture
+def gpu_run(tmp_path: Path) -> Path:
+    return write_run(tmp_path / "profiles" / "20261123T130000-h100-reduced-batch", gpu_events())
+
+
+@pytest.fixture
+def tiny_ddp(tmp_path: Path) -> Path:
+    """A real 2-rank DDP run of ``tiny/blip2-opt`` recorded on a CPU (tests/data/tiny-ddp), copied."""
+    dst = tmp_path / "profiles" / "20261123T150234-tiny-blip2-opt"
+    shutil.copytree(TINY_DDP, dst)
+    return dst
+
+
+@pytest.fixture
+def ddp_gpu(tmp_path: Path) -> Path:
+    """A synthetic 2-rank GPU run whose ranks differ (see ``recorded.ddp_gpu_events``)."""
+    return write_run(tmp_path / "profiles" / "20261123T160000-h100-ddp", ddp_gpu_events())

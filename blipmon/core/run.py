@@ -334,7 +334,7 @@ class RunData:
         return max(self.phases, key=phase_total)
 
     def summary(self) -> dict[str, Any]:
-        """The fixed JSON run summary of DESIGN.md.
+        """The fixed JSON run summary (docs/profile-format.md, "The JSON summary").
 
         A multi-rank run adds ``rank_steps`` (the other ranks' steps, each with its ``rank``): an
         optional key, there only when such records exist, so a single-rank summary is unchanged.

@@ -4,7 +4,7 @@ Why here and not in the widgets: what a chart shows (which peak lands in which c
 tick goes) is the part worth testing exactly, and it is easier to test without a screen. The
 widgets only turn these arrays into coloured cells.
 
-Two rules from DESIGN.md shape it:
+Two rules of the dashboard (docs/dashboard.md) shape it:
 - a timeline is downsampled by **min and max per column**, never by averaging, so a spike between
   two columns still reaches its full height;
 - a million samples must not slow the view: every step is O(samples) in numpy at worst, and the

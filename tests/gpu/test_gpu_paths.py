@@ -121,7 +121,7 @@ def test_every_phase_has_allocated_peak_reserved_and_other(
         for k in ("allocated", "peak", "reserved", "other"):
             assert is_int(p[k]), (where, k, p[k])
         assert p["params"] == facts.params_bytes, where
-        # DESIGN's definition of "other": the allocator's figure (anchored above) less what the categories hold on
+        # The definition of "other" (docs/profile-format.md): the allocator's figure (anchored above) less what the categories hold on
         # the GPU.
         optim_on_gpu = p["optim"] - (host_steps if p["optim"] else 0)
         assert p["other"] == p["allocated"] - (p["params"] + p["grads"] + optim_on_gpu + p["acts"]), where

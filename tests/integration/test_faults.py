@@ -1,7 +1,7 @@
 """Faults, with real processes: signals, out of memory, a failing job, bad input, broken profiles.
 
 Every ``blipmon run`` here is a real subprocess whose child trains a tiny model; nothing in blipmon
-is mocked. Exit codes are DESIGN.md's: 0 finished, 1 the job raised, 2 usage or configuration
+is mocked. Exit codes are blipmon run's (core/outcomes.py, docs/profile-format.md): 0 finished, 1 the job raised, 2 usage or configuration
 (nothing started), 3 out of memory (recorded), 4 stopped or killed.
 """
 

@@ -44,7 +44,7 @@ def runs(start_run: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     runs = {
         "accum": start_run("tiny/blip2-opt", *ACCUM),
         "t5": start_run("tiny/blip2-t5", *SMALL),
-        # No --out: DESIGN says runs go to ./profiles/<UTC timestamp>-<config name>/.
+        # No --out: runs go to (docs/profile-format.md) ./profiles/<UTC timestamp>-<config name>/.
         "vqa": start_run("tiny/blip-vqa", *SMALL, use_out=False, cwd=cwd),
         "load": start_run("tiny/blip2-opt", "job.kind=load"),
         "generate": start_run("tiny/blip-vqa", "job.kind=generate", "train.batch_size=2"),

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ui_helpers import FrozenClock, drive, gpu_events, screen_text, wait_until
+from recorded import FrozenClock, gpu_events
+from ui_helpers import drive, screen_text, wait_until
 
 from blipmon.core.errors import ProfileError
 from blipmon.core.profile import check_run_dir

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ui_helpers import FrozenClock, drive, gpu_events, screen_text, write_run
+from recorded import FrozenClock, gpu_events, write_run
+from ui_helpers import drive, screen_text
 
 from blipmon.core.logtail import LOG_TAIL_BYTES, LogTail
 from blipmon.core.replay import ReplaySource

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recorded import FrozenClock, gpu_events, write_doc, write_run
 from rich.console import Console
 from textual.widgets import Input, OptionList
-from ui_helpers import FrozenClock, drive, gpu_events, screen_text, wait_until, write_doc, write_run
+from ui_helpers import drive, screen_text, wait_until
 
 from blipmon.core.replay import ReplaySource
 from blipmon.core.report import render_compare, render_show

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recorded import gpu_events, write_doc, write_run
 from textual.widgets import OptionList
-from ui_helpers import drive, gpu_events, wait_until, write_doc, write_run
+from ui_helpers import drive, wait_until
 
 from blipmon.core.listing import list_runs
 from blipmon.runner.sweep_control import list_sweeps

@@ -3,7 +3,7 @@
 One rank: that rank's phase boundaries and its own step starts. All ranks: every rank's boundaries
 with rank 0's step starts, as the strip always was (and a single-rank run exactly as before).
 
-Driven by ``skewed_events``: the two-rank CUDA-shaped run of ``rank_helpers`` where rank 1 lags
+Driven by ``skewed_events``: the two-rank CUDA-shaped run of ``recorded`` where rank 1 lags
 (it records only its first ``RANK1_STEPS`` steps) and its forward pass runs longer, so its
 boundaries differ from rank 0's in count and in time.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rank_helpers import ddp_gpu_events
-from ui_helpers import FrozenClock, drive, screen_text, write_run
+from recorded import FrozenClock, ddp_gpu_events, write_run
+from ui_helpers import drive, screen_text
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import ALL

@@ -1,6 +1,6 @@
 """The run view's rank selector, driven through Textual's Pilot: ``r`` cycles rank 0, 1, all ranks.
 
-Uses the recorded two-rank DDP run (``tests/ui/data/tiny-ddp``) and a synthetic CUDA-shaped one
+Uses the recorded two-rank DDP run (``tests/data/tiny-ddp``) and a synthetic CUDA-shaped one
 whose ranks differ; a single-rank run must look exactly as before (no key, no indicator).
 """
 
@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rank_helpers import ddp_gpu_events
-from ui_helpers import FrozenClock, check_snapshot, drive, screen_text, write_run
+from recorded import FrozenClock, ddp_gpu_events, write_run
+from ui_helpers import check_snapshot, drive, screen_text, screenshot
 
 from blipmon.core.ranks import ALL
-from blipmon.core.source import FileFollowSource, ReplaySource
+from blipmon.core.replay import ReplaySource
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.dialogs import HelpScreen
 from blipmon.ui.live import RunScreen
@@ -165,7 +166,7 @@ def test_all_ranks_snapshot_80x24(tiny_ddp: Path, clock: FrozenClock, snapshot_u
     async def script(pilot: Any) -> None:
         pilot.app.screen.select_rank(ALL)
         await pilot.pause()
-        out["text"] = screen_text(pilot.app)
+        out["svg"] = screenshot(pilot.app)
 
     drive(app, script)
-    check_snapshot("replay_ddp_all_ranks_80x24", out["text"], snapshot_update)
+    check_snapshot("replay_ddp_all_ranks_80x24", out["svg"], (80, 24), snapshot_update)

@@ -1,8 +1,8 @@
 """The memory timeline follows the rank selection: one rank plots its own samples, all ranks their envelope.
 
-Driven by the recorded two-rank DDP run (``tests/ui/data/tiny-ddp``: rank 0's samples carry no ``rank``,
+Driven by the recorded two-rank DDP run (``tests/data/tiny-ddp``: rank 0's samples carry no ``rank``,
 rank 1's say ``"rank":1``) and by ``ddp_sampled``, the synthetic CUDA-shaped two-rank run of
-``rank_helpers`` with a sampler on rank 1 that holds less GPU memory and less host memory than rank 0.
+``recorded`` with a sampler on rank 1 that holds less GPU memory and less host memory than rank 0.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rank_helpers import ddp_gpu_events
-from ui_helpers import GIB, MIB, FrozenClock, drive, screen_text, write_run
+from recorded import GIB, MIB, FrozenClock, ddp_gpu_events, write_run
+from ui_helpers import drive, screen_text
 
 from blipmon.core import timeline as tl
 from blipmon.core.ranks import ALL, rank_view

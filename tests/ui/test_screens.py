@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recorded import FrozenClock, gpu_events, write_run
 from textual.widgets import DataTable, Input, OptionList
-from ui_helpers import FrozenClock, drive, gpu_events, screen_text, write_run
+from ui_helpers import drive, screen_text
 
 from blipmon.core.replay import ReplaySource
 from blipmon.runner.follow import FileFollowSource

@@ -1,8 +1,10 @@
-"""Text snapshots of whole screens, from fixed recorded data on a frozen clock.
+"""Snapshots of whole screens as Textual's own SVG screenshots, at two terminal sizes, from fixed recorded data.
 
-They catch layout regressions a unit test would not (a panel pushed off an 80x24 screen, a label
-cut short). To accept an intended change: look at the diff, then rerun with
-BLIPMON_SNAPSHOT_UPDATE=1 and commit tests/ui/snapshots/.
+They catch layout regressions a unit test would not (a panel pushed off an 80x24 screen, a label cut short,
+a colour lost). Each is ``App.export_screenshot`` (Textual's public API) of a screen fed by a recorded profile
+on a frozen clock, so it changes only when the layout, the text or the styles do. To accept an intended
+change: look at the pictures (tests/ui/snapshots/*.svg, and the new one the failure names), then rerun with
+BLIPMON_SNAPSHOT_UPDATE=1 and commit tests/ui/snapshots/ (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from ui_helpers import FrozenClock, check_snapshot, gpu_events, screen_text, write_run
+import pytest
+from recorded import FrozenClock, gpu_events, write_run
+from ui_helpers import check_snapshot, screenshot
 
-from blipmon.core.source import FileFollowSource, ReplaySource
+from blipmon.core.replay import ReplaySource
+from blipmon.runner.follow import FileFollowSource
 from blipmon.ui.app import BlipmonApp
 from blipmon.ui.compare import CompareScreen
 from blipmon.ui.launcher import LauncherScreen
 from blipmon.ui.live import RunScreen
+
+SIZES = [(80, 24), (120, 40)]  # the smallest terminal the dashboard is laid out for, and a roomy one
 
 
 def shot(app: BlipmonApp, size: tuple[int, int], ready: Any = None) -> str:
@@ -28,37 +35,50 @@ def shot(app: BlipmonApp, size: tuple[int, int], ready: Any = None) -> str:
                 if ready is None or ready(pilot.app):
                     break
             await pilot.pause()
-            return screen_text(pilot.app)
+            return screenshot(pilot.app)
 
     return asyncio.run(main())
 
 
-def test_replay_gpu_oom_80x24(gpu_run: Path, clock: FrozenClock, snapshot_update: bool) -> None:
+def _name(view: str, size: tuple[int, int]) -> str:
+    return f"{view}_{size[0]}x{size[1]}"
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_replay_gpu_oom(gpu_run: Path, clock: FrozenClock, snapshot_update: bool, size: tuple[int, int]) -> None:
     src = ReplaySource(gpu_run, clock=clock, background=False)
     src.seek_fraction(1.0)
-    check_snapshot("replay_gpu_oom_80x24", shot(BlipmonApp(RunScreen(src)), (80, 24)), snapshot_update)
+    check_snapshot(_name("replay_gpu_oom", size), shot(BlipmonApp(RunScreen(src)), size), size, snapshot_update)
 
 
-def test_replay_gpu_midway_120x40(gpu_run: Path, clock: FrozenClock, snapshot_update: bool) -> None:
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_replay_gpu_midway(gpu_run: Path, clock: FrozenClock, snapshot_update: bool, size: tuple[int, int]) -> None:
     src = ReplaySource(gpu_run, speed=4.0, clock=clock, background=False)
     src.seek_to(8.0)
     src.toggle_pause()
-    check_snapshot("replay_gpu_midway_120x40", shot(BlipmonApp(RunScreen(src)), (120, 40)), snapshot_update)
+    check_snapshot(_name("replay_gpu_midway", size), shot(BlipmonApp(RunScreen(src)), size), size, snapshot_update)
 
 
-def test_attach_cpu_run_100x30(cpu_run: Path, snapshot_update: bool) -> None:
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_attach_cpu_run(cpu_run: Path, snapshot_update: bool, size: tuple[int, int]) -> None:
     app = BlipmonApp(RunScreen(FileFollowSource(cpu_run, mode="attach")))
-    check_snapshot("attach_cpu_100x30", shot(app, (100, 30)), snapshot_update)
+    check_snapshot(_name("attach_cpu", size), shot(app, size), size, snapshot_update)
 
 
-def test_compare_100x40(tmp_path: Path, gpu_run: Path, cpu_run: Path, snapshot_update: bool) -> None:
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_compare(tmp_path: Path, gpu_run: Path, cpu_run: Path, snapshot_update: bool, size: tuple[int, int]) -> None:
     other = write_run(tmp_path / "other", gpu_events(oom_step=None, steps=5))
     app = BlipmonApp(CompareScreen([gpu_run, other, cpu_run], standalone=True))
-    text = shot(app, (100, 40), ready=lambda a: bool(getattr(a.screen, "runs", None)))
-    check_snapshot("compare_100x40", text, snapshot_update)
+    svg = shot(app, size, ready=lambda a: bool(getattr(a.screen, "runs", None)))
+    check_snapshot(_name("compare", size), svg, size, snapshot_update)
 
 
-def test_launcher_80x24(gpu_run: Path, cpu_run: Path, snapshot_update: bool) -> None:
-    app = BlipmonApp(LauncherScreen(gpu_run.parent))
-    text = shot(app, (80, 24), ready=lambda a: len(getattr(a.screen, "runs", [])) == 2)
-    check_snapshot("launcher_80x24", text.replace(str(gpu_run.parent), "<profiles>"), snapshot_update)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_launcher(
+    gpu_run: Path, cpu_run: Path, snapshot_update: bool, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From the folder holding profiles/, as a user starts it: the list names "profiles/", the same on every machine.
+    monkeypatch.chdir(gpu_run.parent.parent)
+    app = BlipmonApp(LauncherScreen(Path(gpu_run.parent.name)))
+    svg = shot(app, size, ready=lambda a: len(getattr(a.screen, "runs", [])) == 2)
+    check_snapshot(_name("launcher", size), svg, size, snapshot_update)

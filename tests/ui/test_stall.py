@@ -21,7 +21,8 @@ from typing import Any
 
 import psutil
 import pytest
-from ui_helpers import PATIENCE_S, FrozenClock, drive, gpu_events, screen_text, wait_until, write_run
+from recorded import FrozenClock, gpu_events, write_run
+from ui_helpers import PATIENCE_S, drive, screen_text, wait_until
 
 from blipmon.core.snapshot import Stall
 from blipmon.runner.follow import STALL_SECONDS, FileFollowSource

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recorded import gpu_events, write_doc, write_run
 from textual.widgets import OptionList
-from ui_helpers import compared, gpu_events, screen_text, wait_until, write_doc, write_run
+from ui_helpers import compared, screen_text, wait_until
 from ui_helpers import drive as _drive
 
 from blipmon import cli

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from recorded import FrozenClock, gpu_events, write_run
 from textual.app import App, ComposeResult
-from ui_helpers import FrozenClock, gpu_events, write_run
 
 from blipmon.core.replay import ReplaySource
 from blipmon.core.snapshot import Snapshot

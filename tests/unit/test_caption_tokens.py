@@ -38,7 +38,9 @@ def test_synthetic_batches_have_the_caption_length(family: str) -> None:
     from blipmon.runner.data import make_dataset
     from blipmon.runner.models import load_model
 
-    cfg = config.resolve(family, ["data.caption_tokens=7", "train.num_train_samples=2", "train.batch_size=2", "model.device_map=cpu"])
+    cfg = config.resolve(
+        family, ["data.caption_tokens=7", "train.num_train_samples=2", "train.batch_size=2", "model.device_map=cpu"]
+    )
     loaded = load_model(cfg, cuda=False)
     item = make_dataset(loaded.model.config, loaded.family, cfg, loaded.source)[0]
     num_query = int(getattr(loaded.model.config, "num_query_tokens", 0))
@@ -71,7 +73,13 @@ def test_the_model_runs_on_batches_without_placeholders() -> None:
 
     cfg = config.resolve(
         "tiny/blip2-opt",
-        ["data.caption_tokens=6", "train.num_train_samples=2", "train.batch_size=2", "model.device_map=cpu", "data.image_placeholders=false"],
+        [
+            "data.caption_tokens=6",
+            "train.num_train_samples=2",
+            "train.batch_size=2",
+            "model.device_map=cpu",
+            "data.image_placeholders=false",
+        ],
     )
     loaded = load_model(cfg, cuda=False)
     batch = {k: torch.stack([v, v]) for k, v in make_dataset(loaded.model.config, loaded.family, cfg)[0].items()}

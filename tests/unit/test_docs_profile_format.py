@@ -30,7 +30,7 @@ from support import read_events
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "profile-format.md"
-DDP_FIXTURE = ROOT / "tests" / "ui" / "data" / "tiny-ddp"
+DDP_FIXTURE = ROOT / "tests" / "data" / "tiny-ddp"
 
 # emit("x", ...), self.emit("x", ...), writer.write("x", ...), emit(\n "x" if a.b else "y", ...)
 _CALL = re.compile(r'(?:\bemit|\.write)\(\s*("[a-z_]+"(?:\s+if\s+[\w.]+\s+else\s+"[a-z_]+")?)\s*[,)]')
@@ -188,7 +188,7 @@ def test_every_top_level_summary_key_is_a_row_of_the_summary_table(
     rows = first_table_keys(lines)
     summaries = [summary_of(run_cli, d) for d in (tiny_run, watched_run, DDP_FIXTURE)]
     real_keys = set().union(*(s.keys() for s in summaries))
-    # DESIGN's fixed keys, and the multi-rank addition the two-rank fixture must carry.
+    # The summary's fixed keys, and the multi-rank addition the two-rank fixture must carry.
     fixed = {"format_version", "name", "status", "config", "environment", "load", "phases", "steps", "peaks", "oom",
              "exit"}  # fmt: skip
     assert fixed <= set(summaries[0]) and "rank_steps" in summaries[2]

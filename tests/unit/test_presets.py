@@ -1,4 +1,4 @@
-"""Built-in presets: the fixed names of DESIGN.md, the seed lab's tables, and that every one validates."""
+"""Built-in presets: the fixed names (docs/configuration.md, `blipmon presets`), the seed lab's tables, and that every one validates."""
 
 from __future__ import annotations
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from blipmon import cli
-from blipmon.core import config
+from blipmon.core import config, schema
 from blipmon.core.config import ConfigError, get, resolve, validate
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_RUN = REPO / "tests" / "ui" / "data" / "tiny-cpu"  # a recorded run, so replay's refusal is about --speed
+TINY_RUN = REPO / "tests" / "data" / "tiny-cpu"  # a recorded run, so replay's refusal is about --speed
 
 # key -> (lowest allowed, highest allowed, the text of what is allowed), as docs/configuration.md says.
 RANGES: dict[str, tuple[float, float, str]] = {
@@ -278,4 +278,4 @@ def test_the_configuration_reference_lists_every_key_with_its_range() -> None:
             continue
         left = "(" if key in EXCLUSIVE_LOW else "["
         right = ")" if key in EXCLUSIVE_HIGH else "]"
-        assert f"{left}{config._fmt_num(lo)}, {config._fmt_num(hi)}{right}" in row, key
+        assert f"{left}{schema.fmt_num(lo)}, {schema.fmt_num(hi)}{right}" in row, key

@@ -1,4 +1,4 @@
-"""A run as data: status from the end and exit records, peaks, and the fixed JSON summary of DESIGN.md."""
+"""A run as data: status from the end and exit records, peaks, and the fixed JSON summary (docs/profile-format.md)."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_damaged_figures_of_a_rank_step_read_as_not_measured() -> None:
 
 
 def test_summary_adds_rank_steps_only_for_a_run_that_has_them() -> None:
-    assert "rank_steps" not in full_run().summary()  # the DESIGN keys, exactly, for a single-rank run
+    assert "rank_steps" not in full_run().summary()  # the fixed keys, exactly, for a single-rank run
     run = run_of(header(), rank_step(1, 0), rank_step(1, 1, seconds=0.25))
     s = run.summary()
     assert set(s) == SUMMARY_KEYS | {"rank_steps"}
