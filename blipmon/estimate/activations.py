@@ -226,6 +226,7 @@ class _Storage:
     what: str = ""  # shape and dtype of the first tensor seen on it (for explaining a profile)
     ref: Any = None  # StorageWeakRef: says when the storage itself is freed
     key: int = 0
+    last: int = 0  # the last op tick that returned it (a gradient's: AccumulateGrad's detach when it was stolen)
 
 
 class _Live(TorchDispatchMode):
@@ -245,11 +246,12 @@ class _Live(TorchDispatchMode):
         self.pending: set[_Storage] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.settle()  # what Python freed since the last op is not alive while this one runs
         out = func(*args, **(kwargs or {}))
         self.tick += 1
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self.see(t)
+                self.see(t).last = self.tick
         self.sweep()
         return out
 
@@ -266,7 +268,7 @@ class _Live(TorchDispatchMode):
         reference cycle keeps alive there is alive for the probe too.
         """
         for rec in [r for r in self.pending if r.ref.expired()]:
-            self._bury(rec, self.tick)
+            self._bury(rec, self.tick + 1)
 
     def _bury(self, rec: _Storage, tick: int) -> None:
         rec.died = tick
@@ -319,6 +321,13 @@ class LayerCost:
     grads: int  # gradient bytes of its parameters
     fwd: tuple[int, int]  # forward window, op ticks
     bwd: tuple[int, int] | None  # from the first to the last release of its saved storages
+    # Storages it made that are not saved for backward but outlive the forward (held by the model's output until
+    # the runner's ``del out``: a decoder's key/value cache), as (bytes, tick at which it was freed).
+    kept: tuple[tuple[int, int], ...] = ()
+
+    def kept_at(self, tick: int) -> int:
+        """Bytes of ``kept`` still alive at ``tick`` (for a copy of this layer that ran before it)."""
+        return sum(n for n, died in self.kept if tick < died)
 
 
 @dataclass(frozen=True)
@@ -328,13 +337,18 @@ class Profile:
     acts: int  # saved-tensor bytes after forward (the probe's rule), short model
     batch: int  # bytes of the batch on the device
     grads: int  # gradient bytes produced by backward, short model
-    fwd_curve: tuple[tuple[int, int, int], ...]  # (tick, live non-parameter bytes, grads alive) in forward
-    bwd_curve: tuple[tuple[int, int, int], ...]  # the same in backward
+    # (tick, live non-parameter bytes, gradients alive, gradients in flight) in forward; the last is what a backward
+    # that adds into existing gradients holds at that tick: each new gradient from the op that makes it to
+    # AccumulateGrad's ``grad += new`` (where this trace's AccumulateGrad stole it with a ``detach``).
+    fwd_curve: tuple[tuple[int, int, int, int], ...]
+    bwd_curve: tuple[tuple[int, int, int, int], ...]  # the same in backward
     layers: tuple[LayerCost, ...]
     no_grad_params: frozenset[str]  # trainable parameters (canonical names) that received no gradient
     max_param_grad: int  # the largest single gradient (a transient while accumulating into existing grads)
     seconds: float
     saved: tuple[tuple[str, int, int, str], ...] = ()  # (stack or "", layer index or -1, bytes, shape/dtype)
+    loss: int = 0  # bytes of the micro-step's loss (``out.loss / accumulate``), which the runner keeps for the mean
+    recast: tuple[tuple[str, str], ...] = ()  # (layer-free parameter name, dtype) of parameters the step re-typed
 
     def extrapolate(self, extra: dict[tuple[str, str], int], *, grads_exist: bool) -> tuple[int, int, int]:
         """(acts after forward, forward peak, backward peak) of the full model, non-parameter bytes.
@@ -343,22 +357,24 @@ class Profile:
         placed next to the typical one: in forward they have all run by the time it runs; in backward they run
         right after it, so before its window they hold activations and after it they hold gradients. With
         ``grads_exist`` (a micro-step after the first of an accumulation window) backward adds into existing
-        gradients, which are counted as static, so only a single gradient at a time is transient.
+        gradients, which are counted as static: a new gradient lives only from the op that makes it until
+        AccumulateGrad adds it in place (the curve's fourth column).
         """
         acts = self.acts + sum(extra.get((c.stack, c.signature), 0) * c.acts for c in self.layers)
         costs = [(c, extra.get((c.stack, c.signature), 0)) for c in self.layers]
         costs = [(c, n) for c, n in costs if n > 0]
         fwd_peak = 0
-        for tick, live, _g in self.fwd_curve:
-            add = sum(n * c.acts for c, n in costs if tick >= c.fwd[0])
+        for tick, live, _g, _t in self.fwd_curve:
+            add = sum(n * (c.acts + c.kept_at(tick)) for c, n in costs if tick >= c.fwd[0])
             fwd_peak = max(fwd_peak, live + add)
         bwd_peak = 0
-        for tick, live, g_alive in self.bwd_curve:
-            base = live - g_alive if grads_exist else live
+        for tick, live, g_alive, g_flight in self.bwd_curve:
+            base = live - g_alive + g_flight if grads_exist else live
             add = 0
             for c, n in costs:
                 g = 0 if grads_exist else n * c.grads
                 a = n * c.acts
+                add += n * c.kept_at(tick)
                 if c.bwd is None:  # nothing saved in it: where its gradients appear is unknown, take the larger
                     add += max(a, g)
                 elif tick < c.bwd[0]:
@@ -367,7 +383,7 @@ class Profile:
                     add += g
                 else:
                     add += max(a, g)
-            bwd_peak = max(bwd_peak, base + add + (self.max_param_grad if grads_exist else 0))
+            bwd_peak = max(bwd_peak, base + add)
         return acts, fwd_peak, bwd_peak
 
 
@@ -416,6 +432,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
     model.train()
     params = {id(p): n for n, p in model.named_parameters()}
     param_list = [p for p in model.parameters()]
+    dtypes = {id(p): p.dtype for p in param_list}
     tracker = SavedTensorTracker()
     live = _Live()
     for p in param_list:
@@ -425,6 +442,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
 
     # Layer windows and attribution of saved tensors to layers.
     current: list[tuple[str, int]] = []
+    outputs: set[int] = set()  # id() of the records that a stacked layer returned
     windows: dict[tuple[str, int], list[int]] = {}
     in_forward = [False]
     hooks = []
@@ -443,10 +461,14 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
             w = windows.setdefault(tag, [live.tick, live.tick])
             w[0] = min(w[0], live.tick)
 
-    def post(mod: Any, _args: Any, _out: Any) -> None:
+    def post(mod: Any, _args: Any, out: Any) -> None:
         if in_forward[0] and current:
             tag = current.pop()
             windows[tag][1] = live.tick
+            for t in _tensors(out):  # what the layer hands on exists once, however deep the stack
+                rec = live.by_key.get(_key(t))
+                if rec is not None:
+                    outputs.add(id(rec))
 
     for module in model.modules():
         if id(module) in stack_of:
@@ -483,6 +505,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
                 out = model(**batch)
             in_forward[0] = False
             loss = out.loss / acc
+            loss_bytes = int(loss.untyped_storage().nbytes())
             del out
             live.settle()
             f1 = live.tick
@@ -494,6 +517,13 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
     finally:
         for h in hooks:
             h.remove()
+    # A parameter whose data the step replaced (bitsandbytes' Linear4bit casts its bias to the compute dtype in its
+    # first forward) is a parameter in its new storage: out of the curve, into the parameters (``recast``).
+    recast: dict[str, str] = {}
+    for p in param_list:
+        if p.dtype != dtypes[id(p)]:
+            recast[layer_free_name(params[id(p)])] = str(p.dtype).removeprefix("torch.")
+            live.see(p, "param")
     # Classify: which storages ended up as gradients.
     grads_total = 0
     max_grad = 0
@@ -507,8 +537,8 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
         grads_total += rec.nbytes
         max_grad = max(max_grad, rec.nbytes)
     fwd_curve = _curve(live.records, f0, f1)
-    bwd_curve = _curve(live.records, f1, b1)
-    layers = _layer_costs(model, live.records, windows, stack_of, signatures)
+    bwd_curve = _curve(live.records, min(f1 + 1, b1), b1)  # from the first op after `del out`
+    layers = _layer_costs(model, live.records, windows, stack_of, signatures, outputs)
     # Release the fake graph and gradients now: a cached profile must not pin them.
     for p in param_list:
         p.grad = None
@@ -527,7 +557,21 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
             for r in live.records
             if r.kind == "saved"
         ),
+        loss=loss_bytes,
+        recast=tuple(sorted(recast.items())),
     )
+
+
+def _tensors(obj: Any, depth: int = 4) -> Iterator[torch.Tensor]:
+    """The tensors in a module's output (a tensor, a tuple, a ``ModelOutput``), a few levels deep."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth - 1)
 
 
 def _note_checkpoint_inputs(model: Any, tracker: Any, live: _Live) -> None:
@@ -554,11 +598,16 @@ def _unique_bytes(tensors: Any, exclude: set[int]) -> int:
     return total
 
 
-def _curve(records: list[_Storage], start: int, end: int) -> tuple[tuple[int, int, int], ...]:
-    """Live non-parameter bytes (and gradient bytes among them) after each op tick in [start, end]."""
+def _curve(records: list[_Storage], start: int, end: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Live non-parameter bytes, gradient bytes among them and gradients in flight after each op tick in [start, end].
+
+    A gradient is "in flight" from its birth to the last op that returned it (AccumulateGrad's ``detach`` when it
+    stole it): the interval in which a backward adding into existing gradients holds it as a temporary.
+    """
     n = end - start + 1
     delta = [0] * (n + 1)
     gdelta = [0] * (n + 1)
+    fdelta = [0] * (n + 1)
     for r in records:
         if r.kind == "param":
             continue
@@ -572,12 +621,17 @@ def _curve(records: list[_Storage], start: int, end: int) -> tuple[tuple[int, in
         if r.kind == "grad":
             gdelta[i] += r.nbytes
             gdelta[j] -= r.nbytes
+            k = min(max(r.last, r.born) + 1, died, end + 1) - start
+            if k > i:
+                fdelta[i] += r.nbytes
+                fdelta[k] -= r.nbytes
     out = []
-    live = g = 0
+    live = g = f = 0
     for i in range(n):
         live += delta[i]
         g += gdelta[i]
-        out.append((start + i, live, g))
+        f += fdelta[i]
+        out.append((start + i, live, g, f))
     return tuple(out)
 
 
@@ -587,6 +641,7 @@ def _layer_costs(
     windows: dict[tuple[str, int], list[int]],
     stack_of: dict[int, tuple[str, int]],
     signatures: dict[str, list[str]],
+    outputs: set[int] | None = None,
 ) -> tuple[LayerCost, ...]:
     # A saved storage belongs to the layer in whose forward it was created: a layer's output kept by the next one
     # is the layer's own, while a tensor made once and handed to every layer (T5's position bias, a mask) belongs
@@ -599,6 +654,16 @@ def _layer_costs(
             if i >= 0 and spans[i][0] <= r.born <= spans[i][1]:
                 r.layer = spans[i][2]
     acts: dict[tuple[str, int], int] = {}
+    # What a layer made, did not save and did not return, but that outlives its forward: a cache entry the model's
+    # output holds until ``del out``, autocast's cached low-precision copy of a weight that is not saved (a bias).
+    kept: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    if outputs is not None:
+        for r in records:
+            if r.kind != "temp" or id(r) in outputs:
+                continue
+            i = bisect.bisect_right(starts, r.born) - 1
+            if i >= 0 and spans[i][0] <= r.born <= spans[i][1] and (r.died is None or r.died > spans[i][1] + 1):
+                kept.setdefault(spans[i][2], []).append((r.nbytes, r.died if r.died is not None else 1 << 62))
     rel: dict[tuple[str, int], list[int]] = {}
     for r in records:
         if r.kind == "saved" and r.layer is not None:
@@ -631,6 +696,7 @@ def _layer_costs(
                 grads=grads,
                 fwd=(win[0], win[1]),
                 bwd=(span[0], span[1]) if span else None,
+                kept=tuple(kept.get(tag, ())),
             )
         )
     return tuple(out)

@@ -384,11 +384,22 @@ def estimate(
                     raise EstimateError(f"{stack}: a layer kind of the full model is missing from the short copy")
                 extra[(stack, sig)] = more
 
-    st = static.analyse(full, cfg, prof.no_grad_params, dev)
+    st = static.analyse(full, cfg, prof.no_grad_params, dev, dict(prof.recast))
     acts, fwd0, bwd0 = prof.extrapolate(extra, grads_exist=False)
     _a, _f, bwd1 = prof.extrapolate(extra, grads_exist=True)
     offload = cfg["train"]["strategy"] == "deepspeed_stage_2_offload"
-    phases = _timeline(cfg, st, acts, fwd0, bwd0, bwd1, offload, on_host=dev != "cuda")
+    phases = _timeline(
+        cfg,
+        st,
+        acts,
+        fwd0,
+        bwd0,
+        bwd1,
+        offload,
+        on_host=dev != "cuda",
+        loss=prof.loss,
+        loading=loading_bytes(cfg, prof.batch, dev),
+    )
     if offload:
         notes.append("DeepSpeed ZeRO-2 offload: gradients and optimizer state are in host RAM; GPU gradient buckets")
     if cfg["train"]["precision"] == "16-mixed":
@@ -427,6 +438,20 @@ def estimate(
     )
 
 
+def loading_bytes(cfg: dict[str, Any], batch: int, device: str) -> int:
+    """Device memory that making one batch needs, in the interval that ends before the forward.
+
+    On a GPU none: the DataLoader builds batches in host memory and the forward's interval copies them over (the
+    traced forward holds the batch). A CPU run with ``num_workers = 0`` builds them in the training process:
+    ``Dataset.__getitem__`` makes every item of the batch, and ``default_collate`` stacks them while the list of
+    items is still alive, so both exist at once: twice the batch. With workers, the items are made in the workers
+    and the batch arrives whole (in shared memory).
+    """
+    if device == "cuda":
+        return 0
+    return 2 * batch if cfg["train"]["num_workers"] == 0 else batch
+
+
 def _world_size(cfg: dict[str, Any]) -> int:
     t = cfg["train"]
     return int(t.get("devices", 1) or 1) * int(t.get("num_nodes", 1) or 1)
@@ -458,8 +483,8 @@ def gpu_overheads(cfg: dict[str, Any], st: Any, prof: Any, peak: PhaseEstimate, 
 
         half = t["precision"] in ("bf16-true", "bf16-mixed", "16-mixed")
         known += [BUCKET_ELEMENTS * (2 if half else 4)] * 2
-    if peak.phase == "after_opt_step" and not offload and st.optim_step_temp and t["optim"] == "adamw":
-        known += st.grad_tensors if st.optim_step_temp == st.grads else [st.optim_step_temp]
+    if peak.phase == "after_opt_step" and not offload:
+        known += list(st.optim_step_tensors)  # the optimizer's temporaries at its peak, tensor by tensor
     fixed = gpu.pack(known)
     saved = gpu.pack(size for _stack, _layer, size, _what in prof.saved)
     rest = max(0, peak.total - fixed.requested)
@@ -488,12 +513,32 @@ class EstimateError(ConfigError):
 
 
 def _timeline(
-    cfg: dict[str, Any], st: Any, acts: int, fwd0: int, bwd0: int, bwd1: int, offload: bool, *, on_host: bool = False
+    cfg: dict[str, Any],
+    st: Any,
+    acts: int,
+    fwd0: int,
+    bwd0: int,
+    bwd1: int,
+    offload: bool,
+    *,
+    on_host: bool = False,
+    loss: int = 0,
+    loading: int = 0,
 ) -> list[PhaseEstimate]:
     """Phase entries of step 0 and step 1 (see the module docstring for what ``total`` means).
 
     ``fwd0`` is the forward's peak of non-parameter memory; ``bwd0`` the backward's when it creates the gradients
-    (the first micro-step of a step), ``bwd1`` when it adds into existing ones (later micro-steps).
+    (the first micro-step of a step), ``bwd1`` when it adds into existing ones (later micro-steps). ``loss`` is one
+    micro-step's loss tensor, which the runner keeps (detached) until the step's mean loss is taken after
+    ``zero_grad``; ``loading`` is what making the next batch needs in the interval that ends before the forward
+    (a CPU run loading in-process holds every item and the collated batch at once: twice the batch).
+
+    Micro-step ``m`` of an accumulation window (``m >= 1``) starts at the previous micro-step's ``after_bwd``: the
+    gradients and ``m`` losses are alive through its loading, forward and backward. Each total is the largest over
+    the step's micro-steps. The optimizer step's interval holds the gradients, the step's losses and what the
+    optimizer needs at its peak: in the first step the state it creates plus its temporaries
+    (``Static.first_step_peak``: torch creates all of it before the first update, bitsandbytes parameter by
+    parameter), later the state plus the temporaries (``Static.optim_step_temp``).
     """
     acc = cfg["train"]["accumulate_grad_batches"]
     resident = st.params + st.quant_state + st.buffers
@@ -502,34 +547,36 @@ def _timeline(
         return _offload_on_host(cfg, st, acts, fwd0, bwd0)
     if offload:
         return _offload_on_gpu(cfg, st, acts, fwd0, bwd1)
-    if offload:
-        # ZeRO-2 offload: gradients are reduced into host buffers bucket by bucket (``p.grad`` stays None); the
-        # GPU holds one bucket (Lightning's default reduce_bucket_size of 2e8 elements) in the parameter dtype.
-        # The optimizer's state is in host memory, reported apart (``host_optim_bytes``): the phases show the GPU.
-        grads_dev = min(grads, int(2e8) * 2)
-        grads = optim = optim_dev = 0
-    else:
-        grads_dev = grads
+    pre = getattr(st, "optim_before_step", 0)  # bitsandbytes' quantile maps, made with the optimizer (CPU)
+    optim_dev += getattr(st, "optim_outside_state", 0)  # ... which stay outside its state without 8-bit tensors
+    late = acc - 1  # the last micro-step of a window: the most gradients-and-losses company
+    loaded = resident  # until the first forward, which may re-type parameters for good (``Static.params_change``)
+    resident = loaded + getattr(st, "params_change", 0)
     out: list[PhaseEstimate] = []
     for step in (0, 1):
-        o, o_dev = (optim, optim_dev) if step else (0, 0)
+        o, o_dev = (optim, optim_dev) if step else (0, pre)
         g_before = grads if acc > 1 else 0  # the last micro-step of an accumulation window starts with gradients
-        g_before_dev = grads_dev if acc > 1 else 0
-        # before_fwd: the interval starts at the previous boundary (after_opt_step of the previous step, with
-        # gradients not yet zeroed; or after_bwd of the previous micro-step).
-        prev = resident if step == 0 else resident + grads_dev + optim_dev
+        # before_fwd: the interval starts at the previous boundary: the run's start, the previous step's
+        # after_opt_step (gradients not yet zeroed, its losses kept), or the previous micro-step's after_bwd. The
+        # next batch is made after zero_grad and after the losses were let go.
+        if step == 0:
+            before_total = loaded + pre + loading
+        else:
+            before_total = max(resident + grads + optim_dev + acc * loss, resident + o_dev + loading)
+        fwd_total = resident + o_dev + fwd0
+        bwd_total = resident + o_dev + bwd0
         if acc > 1:
-            prev = max(prev, resident + grads_dev + o_dev)
-        before = PhaseEstimate("before_fwd", step, params, g_before, o, 0, max(prev, resident + g_before_dev + o_dev))
-        after_fwd = PhaseEstimate("after_fwd", step, params, g_before, o, acts, resident + o_dev + fwd0 + g_before_dev)
-        # Gradients leave an offloading GPU bucket by bucket: they never accumulate there.
-        bwd_total = resident + grads_dev + bwd1 if offload else resident + o_dev + bwd0
-        if acc > 1 and not offload:
-            bwd_total = max(bwd_total, resident + o_dev + grads_dev + bwd1)
-        after_bwd = PhaseEstimate("after_bwd", step, params, grads, o, 0, bwd_total)
-        opt_total = resident + grads_dev + optim_dev + (0 if offload else st.optim_step_temp)
-        after_opt = PhaseEstimate("after_opt_step", step, params, grads, optim, 0, opt_total)
-        out += [before, after_fwd, after_bwd, after_opt]
+            company = resident + o_dev + grads + late * loss
+            before_total = max(before_total, company + loading)
+            fwd_total = max(fwd_total, company + fwd0)
+            bwd_total = max(bwd_total, company + bwd1)
+        opt_peak = st.first_step_peak if step == 0 else optim_dev + st.optim_step_temp
+        out += [
+            PhaseEstimate("before_fwd", step, params, g_before, o, 0, before_total),
+            PhaseEstimate("after_fwd", step, params, g_before, o, acts, fwd_total),
+            PhaseEstimate("after_bwd", step, params, grads, o, 0, bwd_total),
+            PhaseEstimate("after_opt_step", step, params, grads, optim, 0, resident + grads + acc * loss + opt_peak),
+        ]
     return out
 
 

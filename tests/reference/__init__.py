@@ -1,0 +1,1 @@
+"""Independent references the tests hold blipmon to (no blipmon code inside)."""
