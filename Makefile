@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench docs
 
 $(VPY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "blipmon needs Python 3.11 or newer: make PYTHON=python3.11 ...")'
@@ -35,3 +35,7 @@ test: setup
 
 bench: setup
 	$(VPY) benchmarks/overhead.py
+
+# docs/configuration.md's table of keys, rendered from the schema (tests/unit/test_config_docs.py checks it).
+docs: setup
+	$(VPY) -m blipmon.core.config_docs

@@ -13,6 +13,9 @@ for backward while ``track_begin``/``track_end`` bracket the forward.
 A profiler must never be what breaks a training run: every hook body is guarded, and an internal
 failure turns into one warning and a ``note`` in the profile, after which phase probing stops while
 the run (and its step records) go on.
+
+One module although it is long: ``Recorder`` is one state machine (start, steps, phases, failure, finish) whose
+parts share its fields; the small helpers above it exist only for it. Split, each half would read the other's state.
 """
 
 from __future__ import annotations

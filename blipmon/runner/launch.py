@@ -435,26 +435,31 @@ def _last_byte(path: Path) -> bytes:
         return fh.read(1)
 
 
+STOP_SIGNALS_FROM_OUTSIDE = (signal.SIGTERM, signal.SIGHUP)  # a scheduler's kill, `timeout`, a closed ssh session
+
+
 @contextlib.contextmanager
-def stop_signals_forwarded_to(launch: Launch) -> Iterator[None]:
+def signals_handled(signals: tuple[int, ...], handler: Any) -> Iterator[None]:
+    """``handler`` for ``signals`` while the block runs, the previous handlers after; nothing off the main thread
+    (Python only delivers signals there, and ``signal.signal`` refuses elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_signals_forwarded_to(launch: Launch) -> contextlib.AbstractContextManager[None]:
     """While ``blipmon run`` waits, SIGTERM or SIGHUP to it stops the child, which records the stop.
 
     Without this a ``kill`` of the headless parent (a scheduler, ``timeout``, a closed ssh session)
     killed only the parent and left the child training, unrecorded and holding the GPU.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def forward(_signum: int, _frame: Any) -> None:
-        launch.stop(signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return signals_handled(STOP_SIGNALS_FROM_OUTSIDE, lambda _signum, _frame: launch.stop(signal.SIGTERM))
 
 
-__all__ = ["Launch", "append_exit", "make_run_dir", "run_dir_name", "stop_signals_forwarded_to"]
+__all__ = ["Launch", "append_exit", "make_run_dir", "run_dir_name", "signals_handled", "stop_signals_forwarded_to"]

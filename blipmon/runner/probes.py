@@ -5,6 +5,9 @@ them: a saved-tensors hook sees every tensor autograd keeps for backward and hol
 reference to it, so a probe can sum the unique storages that are still alive at a boundary
 (parameters excluded). Everything is counted per unique storage, so views and tied weights are
 never counted twice, and a quantized weight counts at its real packed size.
+
+One module although it is long: the probe, the saved-tensor tracker and the storage counting are one rule (count
+each storage once, by what holds it), and the estimator imports its pieces by this path.
 """
 
 from __future__ import annotations

@@ -29,9 +29,8 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,7 +43,7 @@ from blipmon.core.report import oom_where
 from blipmon.core.run import RunData, load_run
 from blipmon.core.sweep import Entry, NotRun, sweep_eta, write_sweep_file
 from blipmon.core.units import fmt_bytes, fmt_seconds
-from blipmon.runner.launch import make_run_dir
+from blipmon.runner.launch import STOP_SIGNALS_FROM_OUTSIDE, make_run_dir, signals_handled
 from blipmon.runner.preflight import preflight
 
 _POLL_S = 0.5
@@ -231,22 +230,13 @@ def _raise_interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
+def _stop_signals_interrupt() -> contextlib.AbstractContextManager[None]:
     """SIGTERM and SIGHUP end the sweep the way Ctrl-C does: the current run is stopped and recorded.
 
     Without this, a scheduler's ``kill`` or a closed ssh session would kill the sweep and leave its
     current child training, unrecorded and holding the GPU.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return signals_handled(STOP_SIGNALS_FROM_OUTSIDE, _raise_interrupt)
 
 
 def run_sweep(

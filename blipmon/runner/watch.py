@@ -18,6 +18,9 @@ terminal keeps working). Anywhere else (a script, CI, ``nohup``) the command get
 its own and blipmon forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to that whole group, once. In both
 cases blipmon itself keeps recording until the command has exited, then exits with its exit code
 (``128 + N`` when it died of signal N, as shells report it).
+
+One module although it is long: ``Watch`` is one sampling loop over one process tree, its signal forwarding and
+its records; NVML's device list is ``runner/nvml.py``'s, the environment record ``runner/environment.py``'s.
 """
 
 from __future__ import annotations

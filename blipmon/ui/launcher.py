@@ -11,6 +11,10 @@ presets or the whole group of the selected one, then opens the sweep view (``ui/
 mean the same thing on both kinds of row (keep this one for later), so one key serves both.
 The sweep folders under ``./profiles`` are listed too (``saved sweeps``, when there are any):
 ``enter`` opens one's queue, following it if its process still runs, else as a finished sweep.
+
+One module although it is long: it is one screen and its actions; what it lists and validates is data
+(``core/listing.py``, ``core/config_form.py``), what it starts is the runner's (``runner/detached.py``,
+``runner/sweep_control.py``).
 """
 
 from __future__ import annotations
