@@ -5,7 +5,13 @@ saves the prediction it made at start; this script pairs that prediction with wh
 (``blipmon.estimate.predicted_vs_measured``) and prints, per preset: the verdict beside the outcome, the predicted
 and measured peak and their ratio (goal: within 10 %), whether params, grads and optimizer state matched to the
 byte, and the largest activation error. A GPU run compares the allocator's per-phase ``peak``; ``--cpu`` runs
-the tiny presets on the CPU (no allocator: totals are the four categories), which only checks this script.
+the tiny presets on the CPU (no allocator: totals are the four categories).
+
+On the CPU there is no allocator peak to hold the windows' predicted peaks to, so ``--cpu`` also trains the same
+configuration in this process under an independent count of every live tensor storage
+(``tests/reference/live_storage.py``: a dispatch mode and storage finalizers, no blipmon code) and prints, beside
+the boundary figures, each window's predicted peak (between steps, forward, backward, optimizer step; steps 0 and
+1) against that reference's peak.
 
 On a GPU it also prints, for calibrating the estimate's GPU overheads (docs/memory-model.md, "GPU overheads"),
 each predicted term beside what the run measured:
@@ -47,6 +53,32 @@ LAB_FITS = [
 CPU_DEFAULT = ["tiny/blip2-opt", "tiny/blip2-t5"]
 
 
+def reference_windows(preset: str, steps: int, prediction: dict[str, Any]) -> dict[str, Any]:
+    """Each window's predicted peak against the independent live-storage count of the same configuration (CPU)."""
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    if not (tests / "reference" / "live_storage.py").is_file():
+        return {"error": f"no reference counter in {tests} (a source checkout has it)"}
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    from reference.train_like_runner import reference_trace, windows
+
+    from blipmon.core import config
+
+    sets = ["model.device_map=cpu", f"train.max_steps={max(steps, 2)}"]
+    if not preset.startswith("tiny/"):
+        sets.append("model.weights=random")
+    cfg = config.resolve(preset, sets)
+    if cfg["train"]["num_workers"]:
+        cfg["train"]["num_workers"] = 0  # the counter watches one process; workers only move where items are made
+    trace = reference_trace(cfg, steps=2)
+    rows = windows(prediction, trace)
+    return {
+        "rows": rows,
+        "exact": all(r["predicted"] == r["reference"] for r in rows),
+        "error_max": max(abs(r["error"]) for r in rows),
+    }
+
+
 def run_one(preset: str, steps: int, out: Path, cpu: bool) -> dict[str, Any]:
     from blipmon.core.run import load_run
     from blipmon.estimate import predicted_vs_measured
@@ -81,6 +113,11 @@ def run_one(preset: str, steps: int, out: Path, cpu: bool) -> dict[str, Any]:
     row["exact"] = all(r["predicted"] == r["measured"] for r in exact) if exact else None
     row["acts_error_max"] = round(max((abs(r["error"]) for r in acts), default=0.0), 4)
     row["overheads"] = overhead_pairs(run.prediction, summary, row["predicted_peak"])
+    if cpu:
+        try:
+            row["windows"] = reference_windows(preset, steps, run.prediction)
+        except Exception as e:  # noqa: BLE001 - the boundary figures stand without the reference
+            row["windows"] = {"error": f"{type(e).__name__}: {e}"}
     return row
 
 
@@ -145,6 +182,12 @@ def main() -> int:
         print(json.dumps({"device": device, "rows": rows}, indent=2))
     else:
         print(f"\n{device}: predicted peak within 10 % of measured for {len(within)}/{len(measured)} runs")
+        checked = [r for r in rows if "rows" in (r.get("windows") or {})]
+        if checked:
+            exact = sum(r["windows"]["exact"] for r in checked)
+            print(
+                f"{device}: every window's predicted peak equal to the independent reference for {exact}/{len(checked)}"
+            )
     return 0
 
 
@@ -158,6 +201,20 @@ def _line(r: dict[str, Any]) -> str:
         f"  measured {gib(r['measured_peak'])} GiB  ratio {ratio}  params/grads/optim exact: {r['exact']}"
         f"  acts max error {r['acts_error_max']:.1%}"
     )
+    w = r.get("windows") or {}
+    if "error" in w:
+        line += f"\n{'':24s} windows: no reference ({w['error']})"
+    elif w:
+        mib = lambda b: f"{b / 2**20:.3f}"  # noqa: E731
+        line += f"\n{'':24s} window peaks, predicted / independent reference (MiB):"
+        for step in sorted({x["step"] for x in w["rows"]}):
+            cells = [
+                f"{x['window']} {mib(x['predicted'])}/{mib(x['reference'])} ({x['error']:+.2%})"
+                for x in w["rows"]
+                if x["step"] == step
+            ]
+            line += f"\n{'':24s}   step {step}: " + ", ".join(cells)
+        line += f"\n{'':24s}   every window equal to the byte: {w['exact']}"
     o = r.get("overheads") or {}
     if o:
         mib = lambda b: "—" if b is None else f"{b / 2**20:.1f}"  # noqa: E731

@@ -62,15 +62,21 @@ def reference_trace(cfg: dict[str, Any], *, steps: int = 2, optimizer: Any = Non
 
 
 def windows(estimate: Any, trace: Trace, steps: tuple[int, ...] = (0, 1)) -> list[dict[str, Any]]:
-    """Each window's predicted peak (an ``Estimate``'s phase ``total``) beside the reference's, step by step.
+    """Each window's predicted peak beside the reference's, step by step.
 
-    Rows ``{"step", "phase", "window", "predicted", "reference", "live", "error"}``; ``live`` is what the reference
-    had alive at the boundary of the step's last micro-step, ``error`` is (predicted - reference) / reference.
+    ``estimate`` is an ``Estimate`` or its JSON object (``Estimate.to_json()``, as a run saves it): the predicted peak
+    of a window is its phase's ``total``. Rows ``{"step", "phase", "window", "predicted", "reference", "live",
+    "error"}``; ``live`` is what the reference had alive at the boundary of the step's last micro-step, ``error`` is
+    (predicted - reference) / reference.
     """
+    if isinstance(estimate, dict):
+        totals = {(int(p["step"]), str(p["phase"])): int(p["total"]) for p in estimate.get("phases") or []}
+    else:
+        totals = {(p.step, p.phase): p.total for p in estimate.phases}
     rows = []
     for step in steps:
         for phase in PHASES:
-            pred = estimate.phase(phase, step).total
+            pred = totals[(step, phase)]
             ref = trace.peak(step, phase)
             rows.append(
                 {
