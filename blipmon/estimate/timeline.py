@@ -14,7 +14,10 @@ accumulated gradients coexist with the forward) and ``total``: the predicted pea
 that boundary, over all micro-steps of the step. That is the figure the CUDA allocator reports as the phase's
 ``peak``; it adds to the categories what the boundaries never see: temporaries of the forward and backward pass
 (fp32 logits and their gradient, gradient buffers of activations, checkpointed layers being recomputed), the
-optimizer's own temporaries, the batch, registered buffers and bitsandbytes' quantization state.
+optimizer's own temporaries (``static.optimizer_step``: per implementation and device), the batch (and on a CPU
+run, the batch being made before the forward), the losses the runner keeps for the step's mean, registered buffers
+and bitsandbytes' quantization state. ``tests/integration/test_estimate_vs_reference.py`` holds every interval's
+total to an independent count of live storages on the CPU, to the byte.
 
 A CUDA run needs more than that peak: the verdict adds ``gpu.Overheads`` (the caching allocator's rounding and
 segments, cuBLAS workspaces, DDP's buckets, NCCL's and DeepSpeed's buffers, the CUDA context) and judges the sum
@@ -547,11 +550,11 @@ def _timeline(
         return _offload_on_host(cfg, st, acts, fwd0, bwd0)
     if offload:
         return _offload_on_gpu(cfg, st, acts, fwd0, bwd1)
-    pre = getattr(st, "optim_before_step", 0)  # bitsandbytes' quantile maps, made with the optimizer (CPU)
-    optim_dev += getattr(st, "optim_outside_state", 0)  # ... which stay outside its state without 8-bit tensors
+    pre = st.optim_before_step  # bitsandbytes' quantile maps, made with the optimizer (CPU)
+    optim_dev += st.optim_outside_state  # ... which stay outside its state without 8-bit tensors
     late = acc - 1  # the last micro-step of a window: the most gradients-and-losses company
     loaded = resident  # until the first forward, which may re-type parameters for good (``Static.params_change``)
-    resident = loaded + getattr(st, "params_change", 0)
+    resident = loaded + st.params_change
     out: list[PhaseEstimate] = []
     for step in (0, 1):
         o, o_dev = (optim, optim_dev) if step else (0, pre)
