@@ -35,7 +35,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {where}: cannot create the run directory there ({e.strerror or e})") from None
     print(f"blipmon: recording {cfg['name']} into {launch.run_dir}", file=sys.stderr)
     launch.start()
-    with stop_signals_forwarded_to(launch):
+    try:
+        with stop_signals_forwarded_to(launch):
+            code = launch.wait()
+    except KeyboardInterrupt:
+        # A Ctrl-C after the child started but before the wait began: the child exists (and got the same
+        # Ctrl-C from the terminal), so this is a stopped run like any other: let it record that, then wait.
+        launch.stop()
         code = launch.wait()
     try:
         status = load_run(launch.run_dir).status
