@@ -323,6 +323,9 @@ def _follow_model(model: Any, gpus: _Gpus, sampler: Any, emit: Any, cfg: dict[st
         if sampler is not None:
             sampler.stop()
         sampler = _start_sampler(emit, cfg, cuda=True, device=first, rank=rank)
+    if sampler is not None:
+        # A model split over GPUs: the timeline sums every one of them (and records each), as the phases do.
+        sampler.set_cuda_devices(gpus.devices)
     return sampler
 
 

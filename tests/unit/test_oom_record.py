@@ -190,6 +190,9 @@ class FakeSampler:
     def stop(self) -> None:
         self.stopped = True
 
+    def set_cuda_devices(self, devices: list[int]) -> None:
+        self.sampled = list(devices)
+
 
 def test_the_sampler_moves_to_the_model_s_first_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import blipmon.runner.sampler as sampler_mod
@@ -204,6 +207,7 @@ def test_the_sampler_moves_to_the_model_s_first_gpu(monkeypatch: pytest.MonkeyPa
     moved = _follow_model(model, gpus, first, lambda *a, **k: None, {"runtime": {"sample_hz": 10}}, rank=0)
     assert gpus.devices == [2, 3] and gpus.device == 2
     assert first.stopped and moved is not first and moved.cuda_device == 2 and moved.started
+    assert moved.sampled == [2, 3]  # the timeline sums both GPUs of the split, as the phases do
 
 
 def test_a_model_on_the_expected_gpu_keeps_its_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,4 +220,4 @@ def test_a_model_on_the_expected_gpu_keeps_its_sampler(monkeypatch: pytest.Monke
     gpus.cuda, gpus.device, gpus.devices = True, 1, [1]
     first = FakeSampler(None, 10, cuda=True, cuda_device=1, rank=0)
     assert _follow_model(model, gpus, first, None, {"runtime": {"sample_hz": 10}}, rank=0) is first
-    assert not first.stopped and gpus.devices == [1]
+    assert not first.stopped and gpus.devices == [1] and first.sampled == [1]
