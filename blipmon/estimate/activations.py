@@ -420,8 +420,9 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
     import time
 
     from blipmon.estimate.static import layer_free_name
+    from blipmon.runner.precision import autocast_for
     from blipmon.runner.probes import SavedTensorTracker
-    from blipmon.runner.train import _autocast, enable_activation_checkpointing
+    from blipmon.runner.train import enable_activation_checkpointing
 
     if device not in _SUPPORTED_DEVICES:
         raise ValueError(f"device {device!r}: expected one of {_SUPPORTED_DEVICES}")
@@ -501,7 +502,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
                     batch[k] = v.to(float_dtype)
             f0 = live.tick
             in_forward[0] = True
-            with tracker.track(), _autocast(t["precision"], torch.device("cpu")):
+            with tracker.track(), autocast_for(t["precision"], torch.device("cpu")):
                 out = model(**batch)
             in_forward[0] = False
             loss = out.loss / acc

@@ -103,11 +103,6 @@ def _drop_input_require_grads_hooks(model: Any) -> int:
     return removed
 
 
-# The estimator (blipmon/estimate/activations.py) still imports this name; it goes once the estimator imports
-# ``blipmon.runner.precision.autocast_for`` (the one definition) instead.
-_autocast = autocast_for
-
-
 def _to_device(
     batch: dict[str, torch.Tensor], device: torch.device, float_dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:

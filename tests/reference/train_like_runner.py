@@ -33,7 +33,8 @@ def reference_trace(cfg: dict[str, Any], *, steps: int = 2, optimizer: Any = Non
     """
     from blipmon.runner.data import make_dataset
     from blipmon.runner.models import load_model
-    from blipmon.runner.train import _autocast, apply_peft, build_optimizer, enable_activation_checkpointing
+    from blipmon.runner.precision import autocast_for
+    from blipmon.runner.train import apply_peft, build_optimizer, enable_activation_checkpointing
 
     t = cfg["train"]
     if t["num_workers"] != 0:
@@ -56,7 +57,7 @@ def reference_trace(cfg: dict[str, Any], *, steps: int = 2, optimizer: Any = Non
         loader,
         steps=steps,
         accumulate=t["accumulate_grad_batches"],
-        autocast=lambda: _autocast(t["precision"], device),
+        autocast=lambda: autocast_for(t["precision"], device),
         float_dtype=float_dtype,
     )
 
