@@ -34,6 +34,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 MIB = 1024**2
 
@@ -279,23 +280,27 @@ def _has_context(index: int) -> bool:
         return False
 
 
-def _nvml_free(index: int) -> tuple[int | None, str]:
-    """Free memory of torch's ``cuda:index`` from NVML (no CUDA context); (None, why) when NVML cannot say."""
-    try:
-        import pynvml
-        import torch
+def _nvml_free(index: int, *, module: Any = None, identity: Any = None) -> tuple[int | None, str]:
+    """Free memory of torch's ``cuda:index`` from NVML (no CUDA context); (None, why) when NVML cannot say.
 
-        nvml_index = torch.cuda._get_nvml_device_index(index)  # CUDA_VISIBLE_DEVICES (indices or UUIDs) applied
-        if nvml_index < 0:
-            return None, "NVML: the visible device is not an NVML index (MIG?)"
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), f"NVML (device {nvml_index})"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as e:  # noqa: BLE001 - no NVML, MIG, no permission: the card's total is judged instead
+    The device is found the way the sampler finds it (``runner.nvml``: torch's UUID, then its PCI bus id,
+    then ``CUDA_VISIBLE_DEVICES``), never by torch's index alone: CUDA numbers GPUs fastest first and
+    ``CUDA_VISIBLE_DEVICES`` renumbers them, so NVML's device ``index`` may be another card. On a MIG GPU
+    the MIG device is read, not its parent (whose free memory would be the whole card's). ``module`` and
+    ``identity`` stand in for ``pynvml`` and torch's device identity in tests.
+    """
+    from blipmon.runner.nvml import Nvml
+
+    try:
+        nv = Nvml(module)
+        dev = nv.for_torch_device(index, identity=identity)
+        if dev is None:
+            return None, "NVML: no device matches torch's"
+        info = nv.nv.nvmlDeviceGetMemoryInfo(dev.handle)
+        free, total = int(info.free), int(info.total)
+    except Exception as e:  # noqa: BLE001 - no NVML, no permission: the card's total is judged instead
         return None, f"NVML unavailable ({type(e).__name__})"
+    return min(free, total), f"NVML ({dev.label}, matched by {dev.how})"
 
 
 def cublas_env() -> str | None:

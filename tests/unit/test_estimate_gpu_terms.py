@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -285,40 +284,43 @@ class FakeProps:
     major, minor = 9, 0
 
 
-def fake_pynvml(free: int, seen: list[int]) -> types.ModuleType:
-    """The calls NVML answers, as pynvml spells them; records which NVML index was asked for."""
-    mod = types.ModuleType("pynvml")
-    mod.nvmlInit = lambda: None  # type: ignore[attr-defined]
-    mod.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
-
-    def handle(index: int) -> str:
-        seen.append(index)
-        return f"handle{index}"
-
-    mod.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
-    mod.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(free=free, used=CARD - free, total=CARD)  # type: ignore[attr-defined]
-    return mod
-
-
-def test_free_memory_comes_from_nvml_without_a_cuda_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No context in this process: NVML's figure for torch's device (CUDA_VISIBLE_DEVICES applied), never
-    ``mem_get_info``, which would create a context the process then holds (the dashboard for its whole life)."""
+def _no_context_gpu(monkeypatch: pytest.MonkeyPatch, module: Any, identity: Any) -> None:
+    """torch sees a GPU but holds no context; NVML is ``module``; torch names its device with ``identity``."""
     import torch
 
-    seen: list[int] = []
-    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(7 * GIB, seen))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: FakeProps())
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda i: 3)  # CUDA_VISIBLE_DEVICES=3
 
     def no_context(*_a: Any) -> Any:
         raise AssertionError("mem_get_info creates a CUDA context")
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", no_context)
+    real = gpu._nvml_free
+    monkeypatch.setattr(gpu, "_nvml_free", lambda i: real(i, module=module, identity=identity))
+
+
+def test_free_memory_comes_from_nvml_without_a_cuda_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No context in this process: NVML's figure for torch's device, never ``mem_get_info``, which would
+    create a context the process then holds (the dashboard for its whole life). torch's cuda:0 is NVML's
+    GPU 3 here (CUDA numbers the fastest first, or CUDA_VISIBLE_DEVICES renumbers): found by UUID."""
+    import fake_nvml as fk
+
+    gpus = [fk.FakeGpu(uuid=fk.uuid(i), total=CARD, used=CARD - (i + 4) * GIB) for i in range(4)]
+    _no_context_gpu(monkeypatch, fk.make(gpus), lambda i: (fk.bare(gpus[3].uuid), None))
     g = gpu.local_gpu(0)
-    assert g == gpu.LocalGpu(CARD, 7 * GIB, False, (9, 0), "NVML (device 3)")
-    assert seen == [3]
+    assert g is not None and g.free == 7 * GIB and not g.own_context and g.total == CARD
+    assert g.how == "NVML (cuda:0 (GPU 3), matched by uuid)"
+
+
+def test_on_a_mig_gpu_the_mig_devices_free_memory_is_judged_not_the_cards(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fake_nvml as fk
+
+    mig = fk.FakeGpu(uuid=fk.mig_uuid(10), total=10 * GIB, used=3 * GIB)
+    parent = fk.FakeGpu(uuid=fk.uuid(0), total=CARD, used=5 * GIB, migs=[mig])
+    _no_context_gpu(monkeypatch, fk.make([parent]), lambda i: (fk.bare(mig.uuid), None))
+    g = gpu.local_gpu(0)
+    assert g is not None and g.free == 7 * GIB  # the slice's, not the parent's 75 GiB
 
 
 def test_with_its_own_context_the_process_asks_torch(monkeypatch: pytest.MonkeyPatch) -> None:
