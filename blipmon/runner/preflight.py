@@ -111,8 +111,11 @@ def _check_bf16(cfg: dict[str, Any], cuda: bool | None, bf16: bool | None) -> No
     now counts emulation (True on a T4 or V100), and any such call creates a CUDA context in this
     parent, on GPU 0, held for the whole run (and by the dashboard, which runs this preflight too).
     """
-    wants = cfg["train"]["precision"].startswith("bf16") if cfg["job"]["kind"] == "train" else False
-    wants = wants or cfg["model"]["dtype"] == "bfloat16"
+    # A train job's weights follow train.precision (model.dtype is for load and generate jobs only).
+    if cfg["job"]["kind"] == "train":
+        wants = cfg["train"]["precision"].startswith("bf16")
+    else:
+        wants = cfg["model"]["dtype"] == "bfloat16"
     if not wants or cfg["model"]["device_map"] == "cpu":
         return
     detail = "this GPU has no bfloat16 support"

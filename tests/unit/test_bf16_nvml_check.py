@@ -114,6 +114,12 @@ def test_a_hopper_gpu_is_allowed(parent: Any) -> None:
     preflight(resolve("tiny/blip2-opt", ["model.dtype=bfloat16", "job.kind=load", "model.device_map=cuda"]))
 
 
+def test_a_train_job_ignores_model_dtype_which_only_loads_use(parent: Any) -> None:
+    """A train job's weights follow train.precision: model.dtype = bfloat16 there runs fine on a V100."""
+    parent(V100)
+    preflight(resolve("tiny/blip2-opt", ["model.dtype=bfloat16", "train.precision=16-mixed", "model.device_map=cuda"]))
+
+
 def test_a_bf16_load_on_a_t4_is_refused(parent: Any) -> None:
     parent(T4)
     with pytest.raises(ConfigError, match=r"model.dtype = 'bfloat16'.*Tesla T4.*compute capability 7\.5"):
