@@ -316,35 +316,9 @@ def resolve(source: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
         close = difflib.get_close_matches(source, presets.names(), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See `blipmon presets`."
         raise ConfigError(f"{source!r} is neither a preset, a TOML file nor a run directory.{hint}")
-    sets = parse_set(overrides)
-    full = validate(merge(raw, sets))
-    # A saved run's config.json always spells out device_map (the default filled in), so only an explicit
-    # --set counts there; a preset or a TOML file says "auto" only when its author chose it.
-    explicit = sets if is_run_dir(path) and not presets.exists(source) else merge(raw, sets)
-    msg = _explicit_auto_with_ranks(explicit, full)
-    if msg:
-        raise ConfigError("invalid configuration:\n  " + msg)
-    return full
-
-
-def _explicit_auto_with_ranks(explicit: Mapping[str, Any], full: Mapping[str, Any]) -> str | None:
-    """``device_map = "auto"`` written by the user, in a job of several training ranks: refused.
-
-    Left unset, a training job's "auto" (the default) means each process's own GPU. Written out, it means
-    accelerate's placement (GPUs first, then the CPU), which may split the model across GPUs, and DDP
-    refuses a module spread over several devices, on every rank but the last to find out.
-    """
-    model = explicit.get("model")
-    if not isinstance(model, Mapping) or model.get("device_map") != "auto":
-        return None
-    t = full["train"]
-    if full["job"]["kind"] != "train" or (t["strategy"] != "ddp" and t["devices"] * t["num_nodes"] == 1):
-        return None
-    return (
-        "model.device_map = 'auto' with several training ranks (train.strategy = 'ddp'): accelerate's 'auto' may "
-        "split the model across GPUs, which DDP refuses; leave model.device_map unset (each rank uses its own "
-        "GPU) or set 'cuda'"
-    )
+    # device_map = "auto" in a train job is each process's own GPU, written out or not (runner/models.py,
+    # device_map_kwarg): DDP never sees a split model, so nothing here depends on who wrote "auto".
+    return validate(merge(raw, parse_set(overrides)))
 
 
 def is_run_dir(path: Path) -> bool:

@@ -1,49 +1,38 @@
-"""An explicit ``device_map = "auto"`` with several training ranks is refused before anything starts (issue 15.4).
+"""``device_map = "auto"`` in a training job: each process's own GPU, written out or not (issue 15.4).
 
-Unset, a training job's "auto" is each process's own GPU (what DDP needs); written out, it is accelerate's
-placement, which may split the model over GPUs, and DDP refuses a module on several devices.
+accelerate's "auto" splits a model over every visible GPU, and DDP refuses a module on several devices (rank 0
+got the split, the other ranks their own GPU). blipmon's training loop runs one device per process, so a train
+job's "auto" is ``{"": local index}`` on every rank; load and generate jobs keep accelerate's meaning (seed
+003's loads). A device-map *table* with several ranks is still refused before anything loads.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from blipmon.core import config
+from blipmon.runner.models import device_map_kwarg
 
 
-def test_explicit_auto_with_ddp_is_refused_naming_the_key() -> None:
-    with pytest.raises(config.ConfigError) as e:
-        config.resolve(
-            "tiny/blip2-opt", ["model.device_map=auto", "train.strategy=ddp", "train.devices=2", "train.batch_size=2"]
-        )
-    assert "model.device_map = 'auto'" in str(e.value) and "DDP" in str(e.value)
+def _ddp(*extra: str) -> dict:
+    return config.resolve("tiny/blip2-opt", ["train.strategy=ddp", "train.devices=2", "train.batch_size=2", *extra])
 
 
-def test_explicit_auto_in_a_toml_file_with_ddp_is_refused(tmp_path: Path) -> None:
-    f = tmp_path / "x.toml"
-    f.write_text('[model]\nid = "tiny/blip2-opt"\ndevice_map = "auto"\n[train]\nstrategy = "ddp"\ndevices = 2\n')
-    with pytest.raises(config.ConfigError, match="device_map = 'auto'"):
-        config.resolve(str(f))
+@pytest.mark.parametrize("extra", [(), ("model.device_map=auto",)], ids=["default", "written-out"])
+def test_each_rank_of_a_ddp_job_gets_its_own_gpu(extra: tuple[str, ...]) -> None:
+    cfg = _ddp(*extra)
+    assert [device_map_kwarg(cfg, cuda=True, cuda_index=rank, world=2) for rank in (0, 1)] == [
+        ({"": 0}, False),
+        ({"": 1}, False),
+    ]
 
 
-def test_the_default_auto_with_ddp_is_each_ranks_own_gpu() -> None:
-    cfg = config.resolve("tiny/blip2-opt", ["train.strategy=ddp", "train.devices=2"])
-    assert cfg["model"]["device_map"] == "auto"  # the default, filled in
+def test_a_load_job_keeps_accelerates_auto() -> None:
+    cfg = config.resolve("load/auto")
+    assert device_map_kwarg(cfg, cuda=True, cuda_index=0, world=1) == ("auto", False)
 
 
-def test_explicit_auto_for_one_process_and_for_loads_is_kept() -> None:
-    assert config.resolve("tiny/blip2-opt", ["model.device_map=auto"])["model"]["device_map"] == "auto"
-    assert config.resolve("load/auto")["model"]["device_map"] == "auto"
-
-
-def test_a_saved_runs_filled_in_default_does_not_count_as_explicit(tmp_path: Path) -> None:
-    import json
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps(config.resolve("tiny/blip2-opt")))
-    (run / "events.jsonl").write_text("")
-    cfg = config.resolve(str(run), ["train.strategy=ddp", "train.devices=2"])
-    assert cfg["train"]["strategy"] == "ddp"
+def test_a_device_map_table_with_several_ranks_is_refused_before_loading() -> None:
+    cfg = _ddp("model.device_map.language_model=0", "model.device_map.vision_model=1")
+    with pytest.raises(config.ConfigError, match="device"):
+        device_map_kwarg(cfg, cuda=True, cuda_index=0, world=2)
