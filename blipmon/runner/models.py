@@ -141,8 +141,19 @@ def prepare_files(cfg: dict[str, Any]) -> None:
     """
     source, weights = resolve_source(cfg)  # builds a tiny model
     m = cfg["model"]
-    if weights == "random" and not Path(source).is_dir() and isinstance(m["device_map"], dict):
+    if weights != "random" or Path(source).is_dir():
+        return
+    dm = m["device_map"]
+    # accelerate's "auto" only where load_model will use it (a load/generate job on a GPU machine).
+    placed = "auto" if dm == "auto" and cfg["job"]["kind"] != "train" and torch.cuda.is_available() else None
+    if placed_by_accelerate(dm, placed):
         random_snapshot(source, architecture(source, weights, bool(m.get("trust_remote_code", False))))
+
+
+def placed_by_accelerate(device_map: Any, placed: Any) -> bool:
+    """Whether accelerate places the model (a device-map table, or its own "auto"), so random weights must
+    come from a saved snapshot through ``from_pretrained`` rather than be built whole on one device."""
+    return isinstance(device_map, dict) or placed == "auto"
 
 
 def ensure_tiny(name: str) -> Path:
@@ -368,8 +379,9 @@ def load_model(cfg: dict[str, Any], *, cuda: bool, cuda_index: int = 0) -> Loade
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
     shipped = weights == "random" and not Path(source).is_dir()
-    if shipped and isinstance(dm, dict):
-        # An explicit split exists only on from_pretrained's path: load a random snapshot through it.
+    if shipped and placed_by_accelerate(dm, placed):
+        # A split (an explicit table, or accelerate's "auto": GPUs first, then the CPU) exists only on
+        # from_pretrained's path: load a random snapshot through it.
         source = str(random_snapshot(source, arch))
         shipped = False
     t0 = time.perf_counter()
