@@ -277,7 +277,12 @@ class Recorder:
         cuda = (device is not None and device.type == "cuda") or (
             torch.cuda.is_available() and bool(model_cuda_devices(model))
         )
-        emit("environment", **environment(cuda))
+        # The GPU the model trains on (cuda:3 under a launcher that hands out devices), not GPU 0.
+        emit("environment", **environment(cuda, device=_cuda_index(device, model) if cuda else 0))
+        if cuda:
+            from blipmon.runner.child import OOM_OBSERVER
+
+            OOM_OBSERVER.attach(torch)  # exact sizes of a CUDA OOM, as `blipmon run` records them
         emit("integration", rank=rank, **integration)
         trainable = [p for p in model.parameters() if p.requires_grad]
         emit(
@@ -365,7 +370,8 @@ class Recorder:
             status = "stopped"
             emit("note", message=f"stopped by {type(exc).__name__}")
         elif is_oom(exc):
-            from blipmon.core.units import requested_bytes_from_message
+            from blipmon.runner.child import OOM_OBSERVER
+            from blipmon.runner.oom import oom_fields
 
             status = "oom"
             state: dict[str, Any] = {}
@@ -379,8 +385,8 @@ class Recorder:
                 step=self.step,
                 micro_step=self.micro,
                 phase=self.cursor_phase,
-                requested_bytes=requested_bytes_from_message(str(exc)),
                 message=message[:2000],
+                **oom_fields(exc, OOM_OBSERVER if self.probe is not None and self.probe.cuda else None),
                 **state,
             )
         else:
