@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.runs) > MAX_TUI_RUNS and args.tui:
         raise UsageError(f"the compare view shows 2 to {MAX_TUI_RUNS} runs")
-    runs = [load_run(p) for p in args.runs]
+    # Every figure of the comparison is in a run's index: a million-sample profile is compared without its samples.
+    runs = [load_run(p, summary=True) for p in args.runs]
     for r in runs:
         for w in r.warnings:
             print(f"blipmon: warning: {w}", file=sys.stderr)

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.run / EVENTS).exists() and (args.run / SWEEP_FILE).is_file():
         return _show_sweep(args)
-    run_data = load_run(args.run)
+    # The text needs only the run's index (a few MB read from the end); --json's fixed summary lists every phase.
+    run_data = load_run(args.run, summary=not args.json)
     for w in run_data.warnings:
         print(f"blipmon: warning: {printable(w)}", file=sys.stderr)
     if args.json:

@@ -207,12 +207,13 @@ class EventReader:
     complete line is skipped with a warning that names its line number.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, start: int = 0, start_line: int = 0) -> None:
+        """``start``/``start_line``: begin at a byte offset whose lines were already read (a run index's ``upto``)."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / EVENTS
-        self._offset = 0
-        self._line_no = 0
-        self._checked_header = False
+        self._offset = start
+        self._line_no = start_line
+        self._checked_header = start > 0  # the header is at byte 0: checked by whoever read that far
         self.warnings: list[str] = []
         self._chunk_warnings: list[tuple[int, str]] | None = None
 
@@ -220,6 +221,11 @@ class EventReader:
     def offset(self) -> int:
         """Bytes of the file read so far: where the next poll starts (followers measure progress by it)."""
         return self._offset
+
+    @property
+    def lines_read(self) -> int:
+        """Lines of the file read so far (warnings number lines from 1): what a run index records beside ``upto``."""
+        return self._line_no
 
     def poll(self) -> list[dict[str, Any]]:
         try:
@@ -455,3 +461,40 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProfileError(f"{run_dir / CONFIG}: not a configuration object")
     return data
+
+
+INDEX_PREFIX = b'{"type":"index",'  # how ``EventWriter`` starts an ``index`` record's line (compact separators)
+INDEX_SCAN_BYTES = 64 << 20  # how far from the end an index is looked for: ~800k steps of index
+
+
+def find_index(run_dir: Path, max_scan: int = INDEX_SCAN_BYTES) -> tuple[dict[str, Any], int] | None:
+    """The last complete ``index`` record of a profile and the byte where its line starts, or None.
+
+    Why backwards: a finished run's index sits just before its ``end``, so ``show`` finds it by reading
+    the last few megabytes instead of parsing a million samples. Only a whole line counts (a profile
+    cut inside the index has none); a line that is not JSON, or not an index, is passed over.
+    """
+    path = Path(run_dir) / EVENTS
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            lo = max(0, size - max_scan)
+            fh.seek(lo)
+            data = fh.read(size - lo)
+    except OSError:
+        return None
+    end = len(data)
+    while True:
+        at = data.rfind(b"\n" + INDEX_PREFIX, 0, end)
+        if at < 0:  # (an index is never the first line: the header is)
+            return None
+        start = at + 1
+        stop = data.find(b"\n", start)
+        if stop >= 0:
+            try:
+                rec = json.loads(data[start:stop])
+            except (ValueError, UnicodeDecodeError):
+                rec = None
+            if isinstance(rec, dict) and rec.get("type") == "index":
+                return rec, lo + start
+        end = at

@@ -182,6 +182,9 @@ class RunData:
     prediction: dict[str, Any] | None = None
     last_t: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # Read through a run index (``load_run(summary=True)``): the samples' maxima and count stand in for the
+    # samples before the index, and ``phases`` holds only the records a summary reads (``index_fields``).
+    indexed: dict[str, Any] | None = None
 
     # -- building -----------------------------------------------------------------------------
     def apply(self, ev: dict[str, Any]) -> None:
@@ -300,6 +303,9 @@ class RunData:
 
     def peaks(self) -> dict[str, int | None]:
         sm = self.samples.maxima()
+        if self.indexed is not None:
+            base = self.indexed["sample_maxima"]
+            sm = {k: _max([sm[k], base.get(k)]) for k in sm}
         alloc = [p.get("peak") or p.get("allocated") for p in self.phases] + [sm["allocated"]]
         res = [p.get("reserved") for p in self.phases] + [sm["reserved"]]
         rss = [p.get("host_rss") for p in self.phases] + [sm["host_rss"]]
@@ -444,13 +450,177 @@ def check_follow_dir(run_dir: Path) -> Path:
     return check_run_dir(run_dir)
 
 
-def load_run(run_dir: Path) -> RunData:
-    """Read a whole run directory (for ``show``, ``compare`` and replay)."""
+def load_run(run_dir: Path, *, summary: bool = False) -> RunData:
+    """Read a whole run directory (for ``show``, ``compare`` and replay).
+
+    ``summary=True`` (``show``'s text, ``compare``): through the run's index where it has one, so a
+    million-sample profile is summarised without parsing its samples; the result's ``phases`` are only
+    those a summary reads (``index_fields``) and its samples only those after the index. Without a usable
+    index (an older profile, one cut before it, records after it that change the summary) the whole file
+    is read, exactly as before.
+    """
     run_dir = check_run_dir(Path(run_dir))
+    if summary:
+        fast = _load_indexed(run_dir)
+        if fast is not None:
+            return fast
     reader = EventReader(run_dir)
     run = RunData(path=run_dir)
     run.follow(reader)
     if not run.header:
         raise ProfileError(f"{run_dir}: the run has recorded nothing readable yet")
     run.warnings = list(reader.warnings)
+    return run
+
+
+# -- the run index (docs/profile-format.md, "index") -------------------------------------------------------
+# Records that, after an index, would change what the index summarised: their presence means the index is
+# not used (samples are fine: their maxima merge).
+_INDEX_BREAKERS = frozenset({"phase", "step", "rank_step", "generate"})
+_SAMPLE_KEYS = ("host_rss", "allocated", "reserved", "device_used")
+
+
+def kept_phases(run: RunData) -> list[int]:
+    """Indices (in order) of the phase records every summary figure reads; the others change none of them.
+
+    ``show``'s phase table (rank 0's steps 0 and 1, the peak step's phases), the peak phase (the first
+    record with the largest total) and each rank's, the phase maxima of ``peaks()``, the last offload
+    phase, the last four records (``compare``'s offload rows) and rank 0's phases of every step the
+    saved prediction names (``predicted_vs_measured``). Each chosen record is the *first* of its kind
+    where ``max`` keeps the first, so the same record wins among the kept ones.
+    """
+    phases = run.phases
+    keep: set[int] = set(range(max(0, len(phases) - 4), len(phases)))
+    steps = {0, 1}
+    pred = run.prediction.get("phases") if isinstance(run.prediction, dict) else None
+    if isinstance(pred, list):
+        steps |= {p.get("step") for p in pred if isinstance(p, dict)}
+    best: dict[Any, tuple[int, int]] = {}  # key -> (value, index) of its first maximum
+
+    def consider(key: Any, value: Any, i: int) -> None:
+        is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_num and (key not in best or value > best[key][0]):
+            best[key] = (value, i)
+
+    last_offload = None
+    for i, p in enumerate(phases):
+        rank = p.get("rank") or 0
+        if rank == 0 and p.get("step") in steps:
+            keep.add(i)
+        total = phase_total(p)
+        consider("total", total, i)
+        consider(("rank", int(rank)), total, i)
+        consider("allocated", p.get("peak") or p.get("allocated"), i)
+        consider("reserved", p.get("reserved"), i)
+        consider("host_rss", p.get("host_rss"), i)
+        if "optim_host" in p:
+            last_offload = i
+    keep |= {i for _, i in best.values()}
+    if last_offload is not None:
+        keep.add(last_offload)
+    if "total" in best:
+        peak = phases[best["total"][1]]
+        keep |= {
+            i for i, p in enumerate(phases) if p.get("step") == peak.get("step") and p.get("rank") == peak.get("rank")
+        }
+    return sorted(keep)
+
+
+def index_fields(run_dir: Path) -> dict[str, Any]:
+    """The fields of an ``index`` record for a run as its file is now: what ``show`` and ``compare`` need.
+
+    Written by the child when its job is over (``runner/child.py``), before ``end``. ``upto``/``lines`` say
+    how much of the file it covers; whatever follows is read as records when the index is used.
+    """
+    reader = EventReader(Path(run_dir))
+    run = RunData(path=Path(run_dir))
+    run.follow(reader)
+    maxima = run.samples.maxima()
+    return {
+        "upto": reader.offset,
+        "lines": reader.lines_read,
+        "n_samples": len(run.samples),
+        "n_phases": len(run.phases),
+        "sample_maxima": maxima,
+        "last_t": run.last_t,
+        "header": run.header,
+        "config": run.config,
+        "environment": run.environment,
+        "plan": run.plan,
+        "load": run.load,
+        "prediction": run.prediction,
+        "phases": [run.phases[i] for i in kept_phases(run)],
+        "steps": run.steps,
+        "rank_steps": run.rank_steps,
+        "generate": run.generate,
+        "notes": run.notes,
+        "oom": run.oom,
+        "error": run.error,
+        "end": run.end,
+        "exit": run.exit,
+        "warnings": list(reader.warnings),
+    }
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise TypeError("not an object")
+    return v
+
+
+def _opt_dict(v: Any) -> dict[str, Any] | None:
+    return None if v is None else _dict(v)
+
+
+def _dicts(v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+        raise TypeError("not a list of objects")
+    return v
+
+
+def _load_indexed(run_dir: Path) -> RunData | None:
+    """``load_run(summary=True)``'s fast path, or None where the index cannot be used (then the file is read)."""
+    from blipmon.core.profile import find_index
+
+    found = find_index(run_dir)
+    if found is None:
+        return None
+    rec, at = found
+    try:
+        upto, lines = rec["upto"], rec["lines"]
+        if not (isinstance(upto, int) and isinstance(lines, int) and 0 < upto <= at and lines >= 0):
+            return None
+        maxima = _dict(rec["sample_maxima"])
+        run = RunData(
+            path=run_dir,
+            header=_dict(rec["header"]),
+            config=_dict(rec["config"]),
+            environment=_dict(rec["environment"]),
+            plan=_dict(rec["plan"]),
+            load=_opt_dict(rec["load"]),
+            prediction=_opt_dict(rec["prediction"]),
+            phases=_dicts(rec["phases"]),
+            steps=_dicts(rec["steps"]),
+            rank_steps=_dicts(rec["rank_steps"]),
+            generate=_dicts(rec["generate"]),
+            notes=[str(n) for n in rec["notes"]],
+            oom=_opt_dict(rec["oom"]),
+            error=_opt_dict(rec["error"]),
+            end=_opt_dict(rec["end"]),
+            exit=_opt_dict(rec["exit"]),
+            last_t=float(rec["last_t"]),
+            warnings=[str(w) for w in rec["warnings"]],
+            indexed={"sample_maxima": {k: _int(maxima.get(k)) for k in _SAMPLE_KEYS}},
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not run.header:
+        return None
+    reader = EventReader(run_dir, start=upto, start_line=lines)
+    events, batch = reader.poll_batch()
+    if any(ev.get("type") in _INDEX_BREAKERS for ev in events):
+        return None
+    run.extend(events)
+    run.extend_samples(batch)
+    run.warnings += reader.warnings
     return run

@@ -295,9 +295,25 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
         if sampler is not None:
             sampler.stop()
         dist.close()
+    if dist.rank == 0 and writer.failed is None:
+        _write_index(writer, Path(writer.path).parent)
     writer.write_final("end", status=status, code=code, rank=dist.rank)
     writer.close()
     return code
+
+
+def _write_index(writer: Any, run_dir: Path) -> None:
+    """The run's index, so ``show`` and ``compare`` need not parse every sample (docs/profile-format.md).
+
+    Written once the job and the sampler are over, before ``end``: it summarises everything before it.
+    Never fails a run: a profile without its index is still read in full, as before.
+    """
+    from blipmon.core.run import index_fields
+
+    try:
+        writer.write("index", **index_fields(run_dir))
+    except Exception as e:  # noqa: BLE001 - an index is an optimisation; the run's outcome comes first
+        _say(f"run index not written: {e}")
 
 
 def _start_sampler(emit: Any, cfg: dict[str, Any], *, cuda: bool, device: int, rank: int) -> Any:
