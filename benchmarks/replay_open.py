@@ -8,7 +8,9 @@ step every 2 s: ~28 hours of samples, ~120 MB) unless one is already there, then
 - first frame: the whole dashboard (Textual, headless, 120x40) up with that first snapshot drawn;
 - full read: the loader thread has read the whole profile (the playhead can go anywhere);
 - redraw: the memory timeline drawn from all 1,000,000 samples at 200x40 cells (min/max per column);
-- load_run: the whole run read by ``blipmon show`` / ``compare`` (the same bulk sample parser).
+- load_run: the whole run read (``show --json``, the dashboard's compare view; the same bulk sample parser);
+- show: ``blipmon show`` of the run, a fresh process, through the run index the child writes before ``end``
+  (issue 17; the profile here gets one the same way: ``index_fields`` of everything before ``end``).
 
 Wall and CPU seconds are both printed: on a shared machine the CPU time is the steadier figure.
 
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +33,7 @@ from pathlib import Path
 def write_profile(run_dir: Path, n: int) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     events = run_dir / "events.jsonl"
-    if events.exists() and (run_dir / ".samples").exists() and (run_dir / ".samples").read_text() == str(n):
+    if events.exists() and (run_dir / ".samples").exists() and (run_dir / ".samples").read_text() == f"{n} indexed":
         return run_dir
     gib = 1024**3
     with open(events, "w", encoding="utf-8") as fh:
@@ -57,10 +60,16 @@ def write_profile(run_dir: Path, n: int) -> Path:
                 if k == 3:
                     w(json.dumps({"type": "step", "t": t, "step": step, "seconds": 2.0, "loss": 1.0,
                                   "samples_per_s": 8.0}) + "\n")  # fmt: skip
+    from blipmon.core.run import index_fields
+
+    index = {"type": "index", "t": round(1.0 + n * 0.1, 6), **index_fields(run_dir)}  # as runner/child.py does
+    with open(events, "a", encoding="utf-8") as fh:
+        w = fh.write
+        w(json.dumps(index, separators=(",", ":")) + "\n")
         w(json.dumps({"type": "end", "t": round(1.0 + n * 0.1, 6), "status": "ok", "code": 0}) + "\n")
         w(json.dumps({"type": "exit", "t": None, "code": 0, "signal": None}) + "\n")
     (run_dir / "child.log").write_text("[bench] synthetic profile\n", encoding="utf-8")
-    (run_dir / ".samples").write_text(str(n))
+    (run_dir / ".samples").write_text(f"{n} indexed")
     return run_dir
 
 
@@ -109,7 +118,7 @@ def main() -> int:
         f"profile: {run_dir} ({args.samples:,} samples, {size / 1e6:.0f} MB; prepared in {time.perf_counter() - t0:.1f} s)"
     )
 
-    rows: dict[str, list[tuple[float, float]]] = {"open": [], "full read": [], "redraw": [], "load_run": []}
+    rows: dict[str, list[tuple[float, float]]] = {"open": [], "full read": [], "redraw": [], "load_run": [], "show": []}
     frames: list[float] = []
     for _ in range(args.repeat):
         src, w, c = timed(lambda: ReplaySource(run_dir))
@@ -125,6 +134,9 @@ def main() -> int:
         src.close()
         _, w, c = timed(lambda: load_run(run_dir))
         rows["load_run"].append((w, c))
+        _, w, c = timed(lambda: subprocess.run([sys.executable, "-m", "blipmon", "show", str(run_dir)],  # noqa: S603
+                                               check=True, stdout=subprocess.DEVNULL))  # fmt: skip
+        rows["show"].append((w, c))  # (cpu: this process's only; the wall is the figure)
         frames.append(first_frame(run_dir))
     del FileFollowSource
     print(f"{'':<12}{'wall s (median)':>16}{'cpu s (median)':>16}")
