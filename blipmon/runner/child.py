@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -232,6 +233,7 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
     emit = writer.write
     cursor = Cursor()
     sampler = None
+    predicting: threading.Thread | None = None
     gpus = _Gpus()
     status, code = "ok", EXIT_OK
     try:
@@ -254,12 +256,7 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
         # BLIPMON_PREDICT=0 turns the estimate off for a whole session (the test suite uses it).
         predict = cfg["runtime"]["predict"] and os.environ.get("BLIPMON_PREDICT", "1") != "0"
         if dist.writes_run and predict and cfg["job"]["kind"] == "train":
-            from blipmon.estimate import predict_for_run
-
-            print("[blipmon] estimating memory before loading (runtime.predict = false skips it) ...", flush=True)
-            prediction = predict_for_run(cfg)  # never raises; None when no estimate can be made
-            if prediction is not None:
-                emit("prediction", **prediction)
+            predicting = start_prediction(cfg, emit)
         print(f"[blipmon] loading {cfg['model']['id']} ...", flush=True)
         loaded = load_model(cfg, cuda=cuda, cuda_index=dist.local_rank)
         if cuda:
@@ -295,6 +292,8 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
         if sampler is not None:
             sampler.stop()
         dist.close()
+        if predicting is not None:  # a run shorter than its estimate: the prediction still lands before `end`
+            predicting.join(timeout=PREDICTION_WAIT_S)
     if dist.rank == 0 and writer.failed is None:
         _write_index(writer, Path(writer.path).parent)
     writer.write_final("end", status=status, code=code, rank=dist.rank)
@@ -314,6 +313,34 @@ def _write_index(writer: Any, run_dir: Path) -> None:
         writer.write("index", **index_fields(run_dir))
     except Exception as e:  # noqa: BLE001 - an index is an optimisation; the run's outcome comes first
         _say(f"run index not written: {e}")
+
+
+# How long the end of a run waits for a prediction still being made (the estimator takes 5-11 s for the seed
+# lab's models on 2 cores): only a run shorter than its own estimate ever waits, and only at its end.
+PREDICTION_WAIT_S = 120.0
+
+
+def start_prediction(cfg: dict[str, Any], emit: Any) -> threading.Thread:
+    """Estimate the run's memory in a thread beside the loading: the prediction never delays the run.
+
+    The estimator traces a fake-tensor step on the meta device; its dispatch modes, saved-tensor hooks and
+    grad mode are thread-local in torch, so it cannot disturb the real load or step. The ``prediction``
+    record is written whenever it is ready (the writer is shared with the sampler thread already); the
+    dashboard shows it when it arrives.
+    """
+
+    def work() -> None:
+        from blipmon.estimate import predict_for_run
+
+        prediction = predict_for_run(cfg)  # never raises; None when no estimate can be made
+        if prediction is not None:
+            emit("prediction", **prediction)
+            print("[blipmon] memory estimate recorded", flush=True)
+
+    print("[blipmon] estimating memory beside the loading (runtime.predict = false skips it) ...", flush=True)
+    thread = threading.Thread(target=work, name="blipmon-predict", daemon=True)
+    thread.start()
+    return thread
 
 
 def _start_sampler(emit: Any, cfg: dict[str, Any], *, cuda: bool, device: int, rank: int) -> Any:
