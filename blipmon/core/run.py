@@ -3,6 +3,9 @@
 ``RunData`` is what every consumer reads — ``show``, ``compare``, the dashboard whether live,
 attached or replayed — so they can never disagree about what a run says. It is built by feeding
 events in order (``apply``), which is what lets the dashboard follow a file as it grows.
+
+Why one module over ~500 lines: the fold (``RunData.apply``), the fixed summary and the run index are one
+contract (the index must summarise exactly what the fold would); split, they would drift apart.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ CUDA runs get CUDA's attention: torch picks a different SDPA kernel on a GPU (fl
 q, k, v, the output and a log-sum-exp) than on a CPU (often the math path, which upcasts to fp32 and keeps the whole
 attention matrix), and its dropout keeps a bool mask where the CPU keeps a full-precision one. ``cuda_semantics``
 applies torch's CUDA choices and calls those kernels' fake implementations, so the saved tensors are the GPU's.
+
+Why one module over ~500 lines: the traced step, its three instruments and the extrapolation share the trace's
+data structures and must agree storage by storage (the independent reference in tests/reference holds them to it).
 """
 
 from __future__ import annotations

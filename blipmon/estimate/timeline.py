@@ -23,6 +23,9 @@ A CUDA run needs more than that peak: the verdict adds ``gpu.Overheads`` (the ca
 segments, cuBLAS workspaces, DDP's buckets, NCCL's and DeepSpeed's buffers, the CUDA context) and judges the sum
 against the local GPU's *free* memory when there is a GPU here, else against the capacity given. The phases
 themselves stay the allocated figures the probe and ``max_memory_allocated`` report.
+
+Why one module over ~500 lines: every interval's peak is built from the same list of what is alive when; the
+verdict, the GPU overheads and "where it runs out" read that one list.
 """
 
 from __future__ import annotations
