@@ -214,7 +214,21 @@ def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run
         return EXIT_ERROR
     if dist.writes_run:
         emit("config", config=cfg)
-    return _run(cfg, writer, dist)
+    code = _run(cfg, writer, dist)
+    _ignore_stops_from_now_on()
+    return code
+
+
+def _ignore_stops_from_now_on() -> None:
+    """The run is recorded (its ``end`` is written): a stop arriving now has nothing left to stop.
+
+    Without this, a SIGTERM that ``blipmon run`` forwards on the same Ctrl-C (it got the SIGINT too) can
+    land while the interpreter shuts down, after Python has put the default handlers back, and the
+    child dies of it: the exit record then says SIGTERM instead of the exit 4 the child recorded. An
+    ignored signal stays ignored through the interpreter's shutdown.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Gpus:
