@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProfileError as e:
         print(f"blipmon child: {e}", file=sys.stderr)
         return EXIT_USAGE
-    return record(cfg_raw, run_dir, source="blipmon run")
+    code = record(cfg_raw, run_dir, source="blipmon run")
+    _ignore_stops_from_now_on()  # the child process only: record() also runs inside other processes (tests)
+    return code
 
 
 def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run") -> int:
@@ -214,9 +216,7 @@ def record(cfg_raw: dict[str, Any], run_dir: Path, *, source: str = "blipmon run
         return EXIT_ERROR
     if dist.writes_run:
         emit("config", config=cfg)
-    code = _run(cfg, writer, dist)
-    _ignore_stops_from_now_on()
-    return code
+    return _run(cfg, writer, dist)
 
 
 def _ignore_stops_from_now_on() -> None:
