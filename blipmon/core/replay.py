@@ -27,9 +27,9 @@ from blipmon.core.snapshot import ReplayState, RunSource, Snapshot, snapshot_of
 
 Clock = Callable[[], float]
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-
-
-SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# How long a loader thread holds back before streaming if no view says its first frame is up
+# (``RunSource.view_shown``): a source used without a dashboard still loads, a little later.
+HOLD_S = 1.0
 
 
 class ReplaySource(RunSource):
@@ -62,7 +62,7 @@ class ReplaySource(RunSource):
         self._chunk = chunk_bytes
         self._done = False
         self._problem: str | None = None
-        self.duration = _tail_last_t(self.run_dir / EVENTS)
+        self.duration = tail_last_t(self.run_dir / EVENTS)
         self._phase_t: list[float] = []
         self._step_t: list[float] = []
         self._rank_step_t: list[float] = []
@@ -79,6 +79,9 @@ class ReplaySource(RunSource):
         self._last: Snapshot | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # The loader waits for the view's first frame (``view_shown``): parsing 2 MiB chunks holds the
+        # GIL, and on a small machine it held a 1M-sample profile's first frame back by about a second.
+        self._go = threading.Event()
         if not self._done:
             if background:
                 self._thread = threading.Thread(target=self._load_rest, name="blipmon-replay-loader", daemon=True)
@@ -96,7 +99,7 @@ class ReplaySource(RunSource):
         with self._lock:
             before = self.reader.offset
             try:
-                self.run.follow(self.reader, max_bytes=min(self._chunk, 256 << 10) if first else self._chunk)
+                follow_some(self.run, self.reader, min(self._chunk, 256 << 10) if first else self._chunk)
             except ProfileError as e:
                 self._problem, self._done = str(e), True
                 return
@@ -112,6 +115,8 @@ class ReplaySource(RunSource):
                 self.run.warnings = list(self.reader.warnings)
 
     def _load_rest(self) -> None:
+        if self._thread is not None:
+            self._go.wait(HOLD_S)
         while not self._done and not self._stop.is_set():
             self._read_some()
             time.sleep(0.002)  # hand the GIL to the UI between chunks: the view stays responsive
@@ -122,6 +127,7 @@ class ReplaySource(RunSource):
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Block until the whole profile is read (benchmarks and tests)."""
+        self._go.set()
         if self._thread is not None:
             self._thread.join(timeout)
         return self._done
@@ -209,12 +215,36 @@ class ReplaySource(RunSource):
                 self._last = snap
             return self._last
 
+    def view_shown(self) -> None:
+        self._go.set()
+
     def close(self) -> None:
         self._stop.set()
+        self._go.set()
 
 
-def _tail_last_t(path: Path, size: int = 1 << 16) -> float:
-    """The latest ``t`` among the last records of a profile: its duration, without reading it all."""
+def follow_some(run: RunData, reader: EventReader, max_bytes: int) -> int:
+    """``run.follow`` of about ``max_bytes``, but always past a whole line longer than that.
+
+    A line longer than one chunk (the run index of a big run: megabytes) would otherwise read as
+    "nothing more", and a loader would stop there, before the run's ``end``. Returns the records read.
+    """
+    while True:
+        before = reader.offset
+        n = run.follow(reader, max_bytes=max_bytes)
+        if reader.offset != before:
+            return n
+        try:
+            size = reader.path.stat().st_size
+        except OSError:
+            return n
+        if before + max_bytes >= size:  # truly nothing more, or a cut last line: wait for more
+            return n
+        max_bytes *= 2
+
+
+def _tail_records(path: Path, size: int = 1 << 16) -> list[dict[str, Any]]:
+    """The whole records among the last ``size`` bytes of a profile (a cut or corrupt line is skipped)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, 2)
@@ -222,14 +252,36 @@ def _tail_last_t(path: Path, size: int = 1 << 16) -> float:
             fh.seek(max(end - size, 0))
             data = fh.read()
     except OSError:
-        return 0.0
-    best = 0.0
-    for raw in data.split(b"\n")[1:] if len(data) == size else data.split(b"\n"):
+        return []
+    out = []
+    for raw in data.split(b"\n")[1:] if end > size else data.split(b"\n"):
         try:
             rec = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             continue
-        t = rec.get("t") if isinstance(rec, dict) else None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def tail_status(path: Path) -> str | None:
+    """How a run ended, from the ``end`` and ``exit`` records at the end of its file; None if neither is there.
+
+    What a view shows while the rest of a big file streams in: the same status ``RunData`` gives once
+    everything is read (``end`` first, then ``exit``), not a guess from whether its process still lives.
+    """
+    tail = RunData(path=path.parent)
+    tail.extend([r for r in _tail_records(path) if r.get("type") in ("end", "exit")])
+    if tail.end is None and tail.exit is None:
+        return None
+    return tail.status
+
+
+def tail_last_t(path: Path, size: int = 1 << 16) -> float:
+    """The latest ``t`` among the last records of a profile: its duration, without reading it all."""
+    best = 0.0
+    for rec in _tail_records(path, size):
+        t = rec.get("t")
         if isinstance(t, (int, float)) and not isinstance(t, bool) and t > best:
             best = float(t)
     return best

@@ -344,6 +344,13 @@ class RunSource(ABC):
         """Why the run cannot be read (any more), in the user's words; None while it can."""
         return None
 
+    def view_shown(self) -> None:  # noqa: B027 - optional for sources that read everything at once
+        """The view has drawn its first frame: a source reading a big profile in the background starts now.
+
+        Until then its loader holds back (a second at most), so parsing the rest of the file does not
+        compete with the first frame for the interpreter.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional for sources holding nothing
         """Release threads or files; the default holds none."""
 

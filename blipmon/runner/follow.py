@@ -9,6 +9,7 @@ it lives in the runner, not in core.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,14 @@ from blipmon.core.layout import EVENTS, LOG
 from blipmon.core.logtail import LogTail
 from blipmon.core.phase_index import PhaseIndex
 from blipmon.core.profile import EventReader
-from blipmon.core.replay import ReplaySource
+from blipmon.core.replay import HOLD_S, ReplaySource, follow_some, tail_last_t, tail_status
 from blipmon.core.run import RunData
 from blipmon.core.snapshot import RunSource, Snapshot, Stall, snapshot_of
 
 Clock = Callable[[], float]
 STALL_SECONDS = 10.0  # a followed run that wrote no record for this long is said to have stalled
+BACKLOG_BYTES = 8 << 20  # a file bigger than this when attached to is read in the background, in chunks
+HEAD_BYTES = 256 << 10  # what is read at once before a backlog streams in: header, config, environment
 
 
 def process_state(pid: Any, host: Any, started: Any) -> str:
@@ -70,7 +73,14 @@ class FileFollowSource(RunSource):
     """
 
     def __init__(
-        self, run_dir: Path, *, mode: str = "attach", clock: Clock = time.time, stall_after: float = STALL_SECONDS
+        self,
+        run_dir: Path,
+        *,
+        mode: str = "attach",
+        clock: Clock = time.time,
+        stall_after: float = STALL_SECONDS,
+        backlog_bytes: int = BACKLOG_BYTES,
+        chunk_bytes: int = 2 << 20,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.mode = mode
@@ -96,6 +106,58 @@ class FileFollowSource(RunSource):
         except OSError:
             age, self._old_bytes = 0.0, 0
         self._last_data = clock() - age
+        # A big file (a long run attached to late, a finished one) is read progressively, as a replay is:
+        # the head now, the rest in chunks on a loader thread once the view is up (``view_shown``);
+        # polls show what is read so far and follow the file themselves once the loader has caught up.
+        self._lock = threading.Lock()
+        self._go = threading.Event()
+        self._stop = threading.Event()
+        self._chunk = chunk_bytes
+        self._loader: threading.Thread | None = None
+        self._tail_status: str | None = None
+        self._tail_t = 0.0
+        if self._old_bytes > backlog_bytes:
+            self._read_chunk(HEAD_BYTES)
+            self._tail_status = tail_status(self.run_dir / EVENTS)
+            self._tail_t = tail_last_t(self.run_dir / EVENTS)
+            self._loader = threading.Thread(target=self._catch_up, name="blipmon-follow-loader", daemon=True)
+            self._loader.start()
+
+    @property
+    def catching_up(self) -> bool:
+        """Whether the loader is still reading what the file held when it was opened."""
+        return self._loader is not None and self._loader.is_alive()
+
+    def _read_chunk(self, max_bytes: int) -> int:
+        with self._lock:
+            try:
+                return follow_some(self.run, self.reader, max_bytes)
+            except ProfileError as e:
+                self._problem = str(e)
+                return 0
+
+    def _catch_up(self) -> None:
+        self._go.wait(HOLD_S)
+        while not self._stop.is_set() and self._problem is None and self.reader.offset < self._old_bytes:
+            before = self.reader.offset
+            self._read_chunk(self._chunk)
+            if self.reader.offset == before:  # a truncated last line: the polls take it from here
+                break
+            time.sleep(0.002)  # hand the GIL to the UI between chunks
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the backlog is read (benchmarks and tests); True when it is."""
+        self._go.set()
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return not self.catching_up
+
+    def view_shown(self) -> None:
+        self._go.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._go.set()
 
     @property
     def problem(self) -> str | None:
@@ -103,8 +165,13 @@ class FileFollowSource(RunSource):
         return self._problem
 
     def poll(self) -> Snapshot:
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> Snapshot:
         arrived = 0
-        if self._problem is None:
+        loading = self.catching_up
+        if self._problem is None and not loading:
             try:
                 arrived = self.run.follow(self.reader)
             except ProfileError as e:
@@ -113,8 +180,10 @@ class FileFollowSource(RunSource):
         run = self.run
         counts = (len(run.samples), len(run.phases), len(run.steps), len(run.rank_steps), len(run.notes))
         status = run.status if run.header else "starting"
-        now = self._elapsed()
-        stall = self._check_stall(arrived, status)
+        if loading:  # the end of the file says how the run ended; its process may be long gone
+            status = self._tail_status or "running"
+        now = self._tail_t if loading and self._tail_status else self._elapsed()
+        stall = None if loading else self._check_stall(arrived, status)
         changed = counts != self._counts or status != self._status or log_changed or int(now) != self._last_second
         changed = changed or (self._last is not None and self._last.problem != self._problem) or stall != self._stall
         if counts[:4] != self._counts[:4]:

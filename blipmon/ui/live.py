@@ -64,6 +64,9 @@ class RunResult:
         self.run_dir = run_dir
 
 
+STREAM_AFTER_S = 0.2  # after the first refresh, before a big profile's loader may compete with the view
+
+
 class RunScreen(Screen[RunResult]):
     """Header, memory timeline, phase bars, step time and loss, the child's log, and an OOM banner."""
 
@@ -118,6 +121,8 @@ class RunScreen(Screen[RunResult]):
         self.query_one("#banner").display = False
         self.tick()
         self.set_interval(self.refresh_seconds, self.tick)
+        # The first frame is drawn; once the terminal has had it (a moment), the rest may stream in.
+        self.call_after_refresh(lambda: self.set_timer(STREAM_AFTER_S, self.source.view_shown))
 
     def on_resize(self) -> None:
         self.set_class(self.size.height >= 40, "-tall")
