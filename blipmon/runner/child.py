@@ -7,6 +7,7 @@ matching exit code; only a SIGKILL leaves that to the parent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -306,8 +307,7 @@ def _run(cfg: dict[str, Any], writer: Any, dist: Any) -> int:
         if sampler is not None:
             sampler.stop()
         dist.close()
-        if predicting is not None:  # a run shorter than its estimate: the prediction still lands before `end`
-            predicting.join(timeout=PREDICTION_WAIT_S)
+        finish_prediction(predicting)  # a run shorter than its estimate: the prediction still lands before `end`
     if dist.rank == 0 and writer.failed is None:
         _write_index(writer, Path(writer.path).parent)
     writer.write_final("end", status=status, code=code, rank=dist.rank)
@@ -334,27 +334,54 @@ def _write_index(writer: Any, run_dir: Path) -> None:
 PREDICTION_WAIT_S = 120.0
 
 
-def start_prediction(cfg: dict[str, Any], emit: Any) -> threading.Thread:
-    """Estimate the run's memory in a thread beside the loading: the prediction never delays the run.
+def start_prediction(cfg: dict[str, Any], emit: Any, *, command: list[str] | None = None) -> threading.Thread:
+    """Estimate the run's memory beside the loading: the prediction never delays the run.
 
-    The estimator traces a fake-tensor step on the meta device; its dispatch modes, saved-tensor hooks and
-    grad mode are thread-local in torch, so it cannot disturb the real load or step. The ``prediction``
-    record is written whenever it is ready (the writer is shared with the sampler thread already); the
-    dashboard shows it when it arrives.
+    The estimate runs in a process of its own (``blipmon.estimate.predict``), followed by a thread here:
+    building a model is not thread-safe (accelerate's and transformers' empty-weight contexts patch
+    ``torch.nn.Module`` process-wide), so tracing the estimate's model in a thread while the real one loads
+    could change either. The ``prediction`` record is written whenever it is ready; the dashboard shows it
+    when it arrives. ``command`` replaces the estimator's command line in tests.
     """
+    import json
+    import subprocess
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="blipmon-predict-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    argv = command or [sys.executable, "-m", "blipmon.estimate.predict", path]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
     def work() -> None:
-        from blipmon.estimate import predict_for_run
-
-        prediction = predict_for_run(cfg)  # never raises; None when no estimate can be made
-        if prediction is not None:
+        try:
+            out, _ = proc.communicate()
+            prediction = json.loads(out) if proc.returncode == 0 and out.strip() else None
+        except (ValueError, OSError):
+            prediction = None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(prediction, dict):
             emit("prediction", **prediction)
             print("[blipmon] memory estimate recorded", flush=True)
 
     print("[blipmon] estimating memory beside the loading (runtime.predict = false skips it) ...", flush=True)
     thread = threading.Thread(target=work, name="blipmon-predict", daemon=True)
+    thread.process = proc  # type: ignore[attr-defined]  # so the run's end can stop an estimate it outlived
     thread.start()
     return thread
+
+
+def finish_prediction(thread: threading.Thread | None) -> None:
+    """At the run's end: wait for a prediction still being made (up to ``PREDICTION_WAIT_S``), then stop it."""
+    if thread is None:
+        return
+    thread.join(timeout=PREDICTION_WAIT_S)
+    proc = getattr(thread, "process", None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        thread.join(timeout=5)
 
 
 def _start_sampler(emit: Any, cfg: dict[str, Any], *, cuda: bool, device: int, rank: int) -> Any:
