@@ -97,7 +97,18 @@ class Launch:
         # Until the child exists, a Ctrl-C removes the run directory (nothing ran) before it interrupts
         # the caller as usual: between here and ``start`` no half-made run can be left behind.
         self._guard = _PreStartGuard.install(self)
-        self.run_dir = make_run_dir(cfg, out)
+        # SIGINT waits while the directory is made: arriving after mkdir but before ``run_dir`` is set, the
+        # guard could not know which directory to remove. Held here, it is handled right after, when it can.
+        held = (
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            if threading.current_thread() is threading.main_thread()
+            else None
+        )
+        try:
+            self.run_dir = make_run_dir(cfg, out)
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         try:
             write_config(self.run_dir, cfg)
             reserve_space(self.run_dir)
