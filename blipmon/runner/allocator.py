@@ -52,7 +52,7 @@ def model_cuda_devices(model: Any, default: int | None = None) -> list[int]:
     dm = getattr(model, "hf_device_map", None)
     if isinstance(dm, dict):
         for where in dm.values():
-            idx = _cuda_index(where)
+            idx = cuda_index(where)
             if idx is not None:
                 found.add(idx)
     try:
@@ -69,7 +69,7 @@ def model_cuda_devices(model: Any, default: int | None = None) -> list[int]:
         if hook is None:
             continue
         for h in getattr(hook, "hooks", None) or [hook]:  # accelerate's SequentialHook holds several
-            idx = _cuda_index(getattr(h, "execution_device", None))
+            idx = cuda_index(getattr(h, "execution_device", None))
             if idx is not None:
                 found.add(idx)
     if not found and default is not None:
@@ -77,7 +77,8 @@ def model_cuda_devices(model: Any, default: int | None = None) -> list[int]:
     return sorted(found)
 
 
-def _cuda_index(where: Any) -> int | None:
+def cuda_index(where: Any) -> int | None:
+    """The CUDA index a device-map value, device string or ``torch.device`` names; None for anything else."""
     """The CUDA index a device-map value or a hook's execution device names (None for cpu, disk, meta)."""
     if where is None or isinstance(where, bool):
         return None

@@ -21,7 +21,9 @@ from types import FrameType
 from typing import Any
 
 from blipmon.core.outcomes import EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EXIT_USAGE
+from blipmon.runner.allocator import cuda_index
 from blipmon.runner.environment import environment
+from blipmon.runner.oom import observed_fields
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
@@ -133,21 +135,10 @@ def expected_cuda_device(cfg: dict[str, Any], local_rank: int) -> int:
     """
     dm = cfg["model"]["device_map"]
     if isinstance(dm, dict):
-        named = [i for i in (_cuda_index(v) for v in dm.values()) if i is not None]
+        named = [i for i in (cuda_index(v) for v in dm.values()) if i is not None]
         if named:
             return min(named)
     return local_rank
-
-
-def _cuda_index(where: Any) -> int | None:
-    if isinstance(where, int) and not isinstance(where, bool):
-        return where
-    s = str(where)
-    if s == "cuda":
-        return 0
-    if s.startswith("cuda:") and s[5:].isdigit():
-        return int(s[5:])
-    return None
 
 
 def _say(text: str, *, err: bool = False) -> None:
@@ -500,16 +491,8 @@ def _record_failure(
     )
     observed = observer.take() if observer is not None else None
     if is_oom:
-        rec: dict[str, Any] = {"requested_bytes": parsed, "requested_source": "message" if parsed is not None else None}
-        if observed is not None and _observation_fits(observed, parsed, allocator_oom):
-            rec.update(
-                requested_bytes=observed["requested_bytes"],
-                requested_source="allocator",
-                device=f"cuda:{observed['device']}",
-                device_free=observed["device_free"],
-                device_limit=observed["device_limit"],
-            )
-        elif (m := _GPU_IN_MESSAGE.search(text)) is not None:
+        rec = observed_fields(observed, parsed, allocator_oom)
+        if "device" not in rec and (m := _GPU_IN_MESSAGE.search(text)) is not None:
             rec["device"] = f"cuda:{m.group(1)}"
         if devices:
             try:
@@ -540,18 +523,6 @@ def _record_failure(
          **fields)  # fmt: skip
     _say(tb, err=True)
     return "error", EXIT_ERROR
-
-
-def _observation_fits(observed: dict[str, int], parsed: int | None, allocator_oom: bool) -> bool:
-    """Whether the observer's last figures belong to this error, not to an earlier OOM someone caught.
-
-    With a size in the message, the exact figure must round to it (two decimals of its unit: within
-    0.5 %). Without one, only the allocator's own ``OutOfMemoryError`` can have fired the observer
-    (cuBLAS allocates its handle's memory outside the caching allocator).
-    """
-    if parsed is None:
-        return allocator_oom
-    return abs(observed["requested_bytes"] - parsed) <= parsed * 0.005 + 1
 
 
 if __name__ == "__main__":

@@ -26,9 +26,14 @@ def oom_fields(exc: BaseException, observer: Any) -> dict[str, Any]:
     from blipmon.core.units import requested_bytes_from_message
 
     parsed = requested_bytes_from_message(str(exc))
-    fields: dict[str, Any] = {"requested_bytes": parsed, "requested_source": "message" if parsed is not None else None}
     observed = observer.take() if observer is not None else None
-    if observed and observation_fits(observed, parsed, isinstance(exc, torch.OutOfMemoryError)):
+    return observed_fields(observed, parsed, isinstance(exc, torch.OutOfMemoryError))
+
+
+def observed_fields(observed: dict[str, int] | None, parsed: int | None, allocator_oom: bool) -> dict[str, Any]:
+    """The message's size, replaced by the observer's exact one (and the device's state) where it fits."""
+    fields: dict[str, Any] = {"requested_bytes": parsed, "requested_source": "message" if parsed is not None else None}
+    if observed and observation_fits(observed, parsed, allocator_oom):
         fields.update(
             requested_bytes=observed["requested_bytes"],
             requested_source="allocator",
