@@ -49,11 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="summary of one run (of a sweep folder: its comparison table)")
     s.add_argument("run", type=Path, metavar="RUN")
     s.add_argument("--json", action="store_true", help="the fixed JSON run summary")
+    s.add_argument("--modules", action="store_true", help="memory per module of the model, as a tree")
+    s.add_argument("--depth", type=int, default=None, metavar="N", help="with --modules: levels below the root")
+    s.add_argument("--step", type=int, default=None, metavar="S", help="with --modules: the step (default: the peak's)")
+    s.add_argument(
+        "--phase", default=None, metavar="P", help="with --modules: before_fwd, after_fwd, after_bwd or after_opt_step"
+    )
 
     s = sub.add_parser("compare", help="compare runs side by side")
     s.add_argument("runs", type=Path, nargs="+", metavar="RUN")
     s.add_argument("--format", choices=FORMATS, default="table")
     s.add_argument("--tui", action="store_true", help="open the compare view of the dashboard")
+    s.add_argument("--modules", action="store_true", help="per-module differences between the runs")
 
     s = sub.add_parser("replay", help="dashboard replaying a saved run, or a finished sweep's queue")
     s.add_argument("run", type=Path, metavar="RUN", help="a run directory or a sweep folder (with sweep.json)")
@@ -70,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory", default=None, metavar="SIZE", help="the GPU's memory, with a unit: 80GiB, 24GB")
     s.add_argument(
         "--host-memory", default=None, metavar="SIZE", help="the machine's RAM, with a unit (CPU runs, offload)"
+    )
+    s.add_argument("--modules", action="store_true", help="the predicted memory per module of the model")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("fit", help="largest batch that fits, and ranked changes that make it fit")
+    s.add_argument("config", metavar="CONFIG", help="preset name, a TOML file, or a saved run (its configuration)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    s.add_argument("--gpu-memory", default=None, metavar="SIZE", help="the GPU's memory, with a unit: 80GiB, 24GB")
+    s.add_argument(
+        "--host-memory", default=None, metavar="SIZE", help="the machine's RAM, with a unit (CPU runs, offload)"
+    )
+    s.add_argument(
+        "--sweep", type=Path, default=None, metavar="DIR", help="write the suggestions as a sweep's configurations"
     )
     s.add_argument("--json", action="store_true")
 
