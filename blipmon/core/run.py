@@ -19,6 +19,7 @@ from typing import Any
 
 from blipmon.core.errors import ProfileError
 from blipmon.core.layout import EVENTS
+from blipmon.core.modules import ModuleRecords
 from blipmon.core.outcomes import RUN_STATUSES, status_of_exit_code
 from blipmon.core.profile import FORMAT_VERSION, EventReader, check_run_dir
 from blipmon.core.sample_lines import SampleBatch
@@ -51,7 +52,9 @@ _PLAN_TYPES: dict[str, Any] = {"total_steps": int, "steps_per_epoch": int, "micr
 _OOM_TYPES: dict[str, Any] = {"step": int, "micro_step": int, "phase": str, "requested_bytes": int, "message": str,
                               "allocated": int, "reserved": int, "peak": int, "rank": int,
                               # torch's out-of-memory observer (CUDA): exact size's source, the device, its state
-                              "requested_source": str, "device": str, "device_free": int, "device_limit": int}  # fmt: skip
+                              "requested_source": str, "device": str, "device_free": int, "device_limit": int,
+                              # where in the model (issue 12): the module running, and in which pass
+                              "module": str, "module_pass": str}  # fmt: skip
 
 
 def _clean_fields(ev: dict[str, Any], types: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +186,7 @@ class RunData:
     end: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
+    modules: ModuleRecords = field(default_factory=ModuleRecords)  # per-module memory (core/modules.py)
     last_t: float = 0.0
     warnings: list[str] = field(default_factory=list)
     # Read through a run index (``load_run(summary=True)``): the samples' maxima and count stand in for the
@@ -240,6 +244,8 @@ class RunData:
             self.exit = _clean_fields(ev, {"code": int, "signal": str})
         elif kind == "prediction":
             self.prediction = ev
+        elif kind in ("module_tree", "modules"):
+            self.modules.apply(ev)
         # Unknown kinds come from newer minor writers: ignored, never an error.
 
     def extend(self, events: list[dict[str, Any]]) -> None:
@@ -389,13 +395,20 @@ class RunData:
                 "phase": self.oom.get("phase"),
                 "requested_bytes": self.oom.get("requested_bytes"),
                 "message": self.oom.get("message", ""),
+                "module": self.oom.get("module"),
                 # Extensions, present where torch's out-of-memory observer saw the failure (CUDA).
-                **{k: self.oom[k] for k in ("device", "device_free", "device_limit") if self.oom.get(k) is not None},
+                **{
+                    k: self.oom[k]
+                    for k in ("module_pass", "device", "device_free", "device_limit")
+                    if self.oom.get(k) is not None
+                },
             },
             "exit": {"code": self.exit.get("code"), "signal": self.exit.get("signal")}
             if self.exit
             else {"code": None, "signal": None},
         }
+        if self.modules:
+            out["modules"] = self.modules.summary()
         if self.rank_steps:
             out["rank_steps"] = [
                 {

@@ -310,6 +310,17 @@ SCHEMA: dict[str, Field] = {
         help="per-phase attribution; off only to measure its cost",
         doc="per-phase attribution (params, grads, optimizer, activations); off only to measure its cost",
     ),
+    "runtime.module_depth": Field(
+        (int,),
+        2,
+        minimum=0,
+        maximum=8,
+        why="each level multiplies the modules recorded at every boundary; deeper than 8 is single layers' parts",
+        help="per-module memory down to this depth below the model (0 = off)",
+        doc="per-module memory (params, grads, optimizer state, activations) for the model's modules down to this "
+        "depth below the root: 2 = the top-level children (`vision_model`, `qformer`, `language_model`) and their "
+        "children; `0` turns it off",
+    ),
     "runtime.predict": Field(
         (bool,),
         True,
