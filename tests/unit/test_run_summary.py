@@ -203,7 +203,7 @@ def test_summary_has_exactly_the_design_keys() -> None:
     assert all(set(p) == {"step", "micro_step", "rank", "phase", "t", "params", "grads", "optim", "acts", "other",
                           "allocated", "peak", "reserved", "host_rss"} for p in s["phases"])  # fmt: skip
     assert set(s["peaks"]) == {"allocated", "reserved", "device_used", "host_rss"}
-    assert set(s["oom"]) == {"step", "micro_step", "phase", "requested_bytes", "message"}
+    assert set(s["oom"]) == {"step", "micro_step", "phase", "requested_bytes", "message", "module"}
     assert set(s["exit"]) == {"code", "signal"}
 
 
