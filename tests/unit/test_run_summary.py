@@ -213,7 +213,8 @@ def test_summary_of_an_oom_run() -> None:
     assert s["environment"]["gpu_total_bytes"] == 80 * GIB and s["environment"]["device"] == "cuda"
     assert s["load"] == {"seconds": 2.5, "params_bytes": 14 * GIB, "placement": {"cuda:0": 14 * GIB}}
     assert s["oom"] == {"step": 0, "micro_step": 0, "phase": "backward", "requested_bytes": 2 * GIB,
-                        "message": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}  # fmt: skip
+                        "message": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                        "module": None}  # fmt: skip
     assert s["peaks"]["allocated"] == 40 * GIB and s["peaks"]["reserved"] == 42 * GIB
     assert s["exit"] == {"code": 3, "signal": None}
     assert json.loads(json.dumps(s)) == s  # plain JSON: nothing that needs a custom encoder
