@@ -3,15 +3,18 @@
 Exit codes: 0 when an estimate was made, whatever its verdict (the verdict is data: read ``--json``'s
 ``verdict``, or the last line of the table); 2 for a configuration or usage error (a bad key, a bad size, a GPU
 configuration without ``--gpu-memory`` on a machine without a GPU, a step that cannot run), as ``blipmon run``.
+A preset named for one of the lab's cards (``h100/*``, ``a100/*``) is judged against that card when no GPU is here.
 
 Sizes need a unit (``80GiB``, ``24GB``, ``512MiB``, ``85899345920B``): a bare ``80`` is refused rather than read as
 80 bytes. ``--host-memory`` is the machine's RAM: a CPU run is judged against it instead of the memory available
 right now, and a GPU run that offloads its optimizer to the host (DeepSpeed) is judged on both.
+
+Every verdict rule lives in ``blipmon.estimate.judge`` (``blipmon fit`` asks it too); this module parses the two
+sizes and prints.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from typing import Any
@@ -33,45 +36,55 @@ def memory_arg(flag: str, text: str | None) -> int | None:
 
 def run(args: Any) -> int:
     from blipmon.core.config import resolve
+    from blipmon.estimate.judge import judge
 
-    capacity = memory_arg("--gpu-memory", args.gpu_memory)
+    gpu = memory_arg("--gpu-memory", args.gpu_memory)
     host = memory_arg("--host-memory", getattr(args, "host_memory", None))
-    cfg = resolve(args.config, args.overrides)
-    from blipmon.estimate import estimate
-    from blipmon.estimate.timeline import target_device
-
-    device = None
-    if capacity is not None and cfg["model"]["device_map"] in ("auto", "cpu-first"):
-        device = "cuda"  # --gpu-memory says which machine the user means: a GPU one
-    host_bytes = None
-    if host is not None and target_device(cfg, device, capacity) == "cpu":
-        # A CPU run lives in host RAM: the machine's RAM replaces "what is available on this machine right now".
-        est = estimate(cfg, capacity_bytes=host, device="cpu")
-        est = dataclasses.replace(est, capacity_source="--host-memory")
-        host_bytes = est.peak_bytes + est.runtime_bytes
-    else:
-        est = estimate(cfg, capacity_bytes=capacity, device=device)
-        if host is not None:
-            host_bytes = est.host_optim_bytes
-            if host_bytes > host:  # DeepSpeed's offloaded optimizer does not fit the host: the run cannot run
-                est = dataclasses.replace(est, verdict="oom")
+    j = judge(resolve(args.config, args.overrides), gpu_memory=gpu, host_memory=host)
     if args.json:
-        data = est.to_json()
-        if host is not None:
-            data["host_memory_bytes"] = host
-            data["host_bytes"] = host_bytes
-        print(json.dumps(data, indent=1))
+        print(json.dumps(j.to_json(), indent=1))
     else:
-        sys.stdout.write(render(est, host_memory=host, host_bytes=host_bytes))
+        sys.stdout.write(render(j))
     return 0
 
 
-def render(est: Any, *, host_memory: int | None = None, host_bytes: int | None = None) -> str:
-    """The human table: both steps' four phases (GiB, or MiB for small models), then the peak and the verdict.
+def render(j: Any) -> str:
+    """The human text: the estimate's own table (a training step's phases, or a load's devices), a line per
+    device with its verdict, and the overall verdict last."""
+    est = j.estimate
+    lines = est.render_lines() if hasattr(est, "render_lines") else _train_lines(est)
+    lines += j.device_lines()
+    lines.append(f"verdict  {verdict_text(j)}   ({j.seconds:.1f} s)")
+    return "\n".join(lines) + "\n"
 
-    ``host_memory`` (``--host-memory``) and ``host_bytes`` (what the estimate puts in host RAM) add a line on the
-    host for a GPU run, and the verdict names the host when it is the host that runs out.
-    """
+
+def verdict_text(j: Any) -> str:
+    """ "FITS with X to spare", or "OUT OF MEMORY: ..." naming where (a training interval, a device, the host)."""
+    from blipmon.core.units import fmt_bytes
+
+    est = j.estimate
+    if j.verdict == "fits":
+        return f"FITS with {fmt_bytes(j.headroom_bytes)} to spare"
+    lim = j.device_judgement(j.limiting_device)
+    if not hasattr(est, "runs_out"):  # a load or generate job: the device that is short
+        return f"OUT OF MEMORY: {est.runs_out_text(lim)}"
+    host_short = any(d.device == "cpu" and d.verdict == "oom" for d in j.judged) and est.device == "cuda"
+    if host_short and est.runs_out is None:
+        return (
+            f"OUT OF MEMORY: host RAM: the offloaded optimizer state needs {fmt_bytes(lim.total_bytes)}, "
+            f"{fmt_bytes(-(lim.headroom_bytes or 0))} more than --host-memory"
+        )
+    text = f"OUT OF MEMORY: runs out at {est.runs_out_text()}"
+    first = est.runs_out
+    if first is not None and (first.step, first.phase) != (est.peak_step, est.peak_phase):
+        text += f"; its peak would be at step {est.peak_step} {est.peak_phase}, {fmt_bytes(-est.headroom_bytes)} over"
+    if host_short:
+        text += "; host RAM is short too"
+    return text
+
+
+def _train_lines(est: Any) -> list[str]:
+    """A training estimate's table: both steps' four phases (GiB, or MiB for small models), then its peak."""
     from blipmon.core.units import GIB, MIB, fmt_bytes
 
     unit, div = ("GiB", GIB) if est.peak_bytes >= GIB else ("MiB", MIB)
@@ -95,7 +108,6 @@ def render(est: Any, *, host_memory: int | None = None, host_bytes: int | None =
             "  "
             + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         )
-    hr = est.headroom_bytes
     lines.append(
         f"peak     {fmt_bytes(est.peak_bytes)} at step {est.peak_step} {est.peak_phase}, "
         f"+ {fmt_bytes(est.runtime_bytes)} {'GPU overheads' if est.device == 'cuda' else 'runtime'}, "
@@ -103,35 +115,6 @@ def render(est: Any, *, host_memory: int | None = None, host_bytes: int | None =
     )
     for n in est.notes:
         lines.append(f"note     {n}")
-    host_short = False
-    if est.device == "cuda" and host_memory is not None:
-        need = host_bytes or 0
-        host_short = need > host_memory
-        if need:
-            lines.append(
-                f"host     {fmt_bytes(need)} of host RAM for offloaded optimizer state, "
-                f"of {fmt_bytes(host_memory)} (--host-memory)"
-            )
-        else:
-            lines.append(
-                f"host     no offloaded state in host RAM (the process itself aside), "
-                f"of {fmt_bytes(host_memory)} (--host-memory)"
-            )
-    elif est.host_optim_bytes:
+    if est.host_optim_bytes:
         lines.append(f"host     {fmt_bytes(est.host_optim_bytes)} of host RAM for offloaded optimizer state")
-    if est.verdict == "fits":
-        verdict = f"FITS with {fmt_bytes(hr)} to spare"
-    elif host_short and est.runs_out is None:
-        verdict = (
-            f"OUT OF MEMORY: host RAM: the offloaded optimizer state needs {fmt_bytes(host_bytes)}, "
-            f"{fmt_bytes((host_bytes or 0) - (host_memory or 0))} more than --host-memory"
-        )
-    else:
-        verdict = f"OUT OF MEMORY: runs out at {est.runs_out_text()}"
-        first = est.runs_out
-        if first is not None and (first.step, first.phase) != (est.peak_step, est.peak_phase):
-            verdict += f"; its peak would be at step {est.peak_step} {est.peak_phase}, {fmt_bytes(-hr)} over"
-        if host_short:
-            verdict += "; host RAM is short too"
-    lines.append(f"verdict  {verdict}   ({est.seconds:.1f} s)")
-    return "\n".join(lines) + "\n"
+    return lines
