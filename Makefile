@@ -16,12 +16,12 @@ $(VPY):
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): on Debian/Ubuntu install python3-venv (apt install python3-venv)" >&2; exit 1; }
 
 # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+# The project as a plain path in a .pth (editable_mode=compat), as an installed package behaves: the default
+# editable mode imports a finder in every Python process, ~16 ms of each start and of the dashboard's first frame.
+# A setuptools without that mode gets the default.
 $(VENV)/.setup-done: pyproject.toml | $(VPY)
 	$(PIP) install --quiet --upgrade pip >/dev/null 2>&1 || true
 	$(PIP) install --quiet "$(TORCH_CPU)"
-	# compat: a plain path in a .pth, as an installed package behaves; the default editable mode imports a finder
-	# in every Python process (~16 ms of each start, of the dashboard's first frame too). Older or newer
-	# setuptools without the mode: the default.
 	$(PIP) install --quiet -e ".[test]" --config-settings editable_mode=compat 2>/dev/null || $(PIP) install --quiet -e ".[test]"
 	touch $@
 
