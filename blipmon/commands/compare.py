@@ -1,4 +1,8 @@
-"""``blipmon compare RUN... [--format table|markdown|csv|json] [--tui]``: runs side by side (``core/report.py``)."""
+"""``blipmon compare RUN... [--modules] [--format table|markdown|csv|json] [--tui]``: runs side by side (``core/report.py``).
+
+``--modules``: the per-module differences (docs/modules-cli.md): JSON gains a ``modules`` key, the text formats
+print the module comparison in place of the table.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +20,20 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.runs) > MAX_TUI_RUNS and args.tui:
         raise UsageError(f"the compare view shows 2 to {MAX_TUI_RUNS} runs")
+    modules = getattr(args, "modules", False)
     # Every figure of the comparison is in a run's index: a million-sample profile is compared without its samples.
-    runs = [load_run(p, summary=True) for p in args.runs]
+    # Per-module figures are not (--modules reads the whole files).
+    runs = [load_run(p, summary=not modules) for p in args.runs]
     for r in runs:
         for w in r.warnings:
             print(f"blipmon: warning: {w}", file=sys.stderr)
+    if modules and not any(r.modules for r in runs):
+        from blipmon.core.module_view import NO_MODULES
+
+        raise UsageError(f"none of these runs has per-module figures ({NO_MODULES})")
     if args.tui:
         from blipmon.ui.app import run_compare
 
         return run_compare(args.runs)
-    sys.stdout.write(render_compare(runs, args.format))
+    sys.stdout.write(render_compare(runs, args.format, modules=modules))
     return 0

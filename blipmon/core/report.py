@@ -16,9 +16,22 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from blipmon.core.module_view import (
+    ROOT,
+    ROOT_LABEL,
+    Boundary,
+    ModuleDiff,
+    ModuleNode,
+    boundary_of,
+    build_tree,
+    run_module_diffs,
+    walk,
+)
+from blipmon.core.modules import MODULE_CATEGORIES
 from blipmon.core.run import CATEGORIES, PHASES, RunData, phase_total
 from blipmon.core.safe_text import one_line
 from blipmon.core.units import GIB, MIB, fmt_bytes, fmt_seconds
@@ -73,7 +86,16 @@ def oom_where(run: RunData) -> str:
     o = run.oom
     req = o.get("requested_bytes")
     size = f", tried {fmt_bytes(req)}" if req else ""
-    return f"step {o.get('step')} {o.get('phase')}{size}"
+    return f"step {o.get('step')} {o.get('phase')}{size}{_oom_module(o)}"
+
+
+def _oom_module(o: dict[str, Any]) -> str:
+    """`` in language_model.model.decoder (backward)``: the module running when it ran out (issue 12), or ""."""
+    mod = o.get("module")
+    if not isinstance(mod, str):
+        return ""
+    how = f" ({o['module_pass']})" if isinstance(o.get("module_pass"), str) else ""
+    return f" in {ROOT_LABEL if mod == ROOT else mod}{how}"
 
 
 def compare_rows(runs: list[RunData]) -> list[Row]:
@@ -183,15 +205,23 @@ def _delta(v: Any, base: Any, kind: str) -> str:
     return "" if abs(pct) < 0.05 else f" ({pct:+.1f}%)"
 
 
-def render_compare(runs: list[RunData], fmt: str = "table") -> str:
+def render_compare(runs: list[RunData], fmt: str = "table", *, modules: bool = False) -> str:
+    """``compare``'s output. ``modules`` (``--modules``): JSON gains a ``modules`` key; the text formats print the
+    per-module comparison instead of the table (CSV holds one table)."""
+    if modules and fmt != "json":
+        return render_module_compare(runs, fmt)
     rows = compare_rows(runs)
     names = [one_line(r.name) for r in runs]
     if fmt == "json":
-        return json.dumps(
-            {"runs": [{"name": r.name, "path": str(r.path) if r.path else None} for r in runs],
-             "rows": [{"label": row.label, "kind": row.kind, "better": row.better, "values": row.values} for row in rows]},
-            indent=2,
-        )  # fmt: skip
+        doc: dict[str, Any] = {
+            "runs": [{"name": r.name, "path": str(r.path) if r.path else None} for r in runs],
+            "rows": [
+                {"label": row.label, "kind": row.kind, "better": row.better, "values": row.values} for row in rows
+            ],
+        }
+        if modules:
+            doc["modules"] = module_compare_json(runs)
+        return json.dumps(doc, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -307,6 +337,7 @@ def render_show(run: RunData) -> str:
         f"device used {fmt_bytes(pk['device_used'])}, host RSS {fmt_bytes(pk['host_rss'])}"
     )
     lines.append("outcome  " + _outcome(run))
+    lines.extend(_oom_module_lines(run))
     for n in run.notes:
         lines.append(f"note     {n}")
     for w in run.warnings:
@@ -324,7 +355,7 @@ def _outcome(run: RunData) -> str:
             "killed": "killed", "running": "still running"}.get(st, st)  # fmt: skip
     if run.oom:
         o = run.oom
-        text += f" at step {o.get('step')} (micro-step {o.get('micro_step')}, {o.get('phase')})"
+        text += f" at step {o.get('step')} (micro-step {o.get('micro_step')}, {o.get('phase')}){_oom_module(o)}"
         if o.get("requested_bytes"):
             text += f" trying to allocate {fmt_bytes(o['requested_bytes'])}"
         if o.get("device"):
@@ -379,6 +410,165 @@ def _rank_table(run: RunData) -> list[str]:
     return out
 
 
+# -- per-module memory (issue 12; the figures: core/module_view.py) ---------------------------------------------------
+MODULE_COLUMNS = (*MODULE_CATEGORIES, "total")
+OOM_TOP_MODULES = 5  # the root's largest children shown under an out-of-memory outcome
+MODULES_NOTE = "bytes; each module's figures include its children's"
+
+
+def _signed(n: int) -> str:
+    return ("+" if n > 0 else "−" if n < 0 else "±") + fmt_bytes(abs(n))
+
+
+def _right_aligned(rows: list[list[str]], *, text_last: bool = False) -> list[str]:
+    """The first column left-aligned (names), the others right-aligned (figures); the last one left-aligned too
+    when it is words (``text_last``)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    left = {0, len(widths) - 1} if text_last else {0}
+    return [
+        "  ".join(
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
+
+
+def module_table(nodes: Sequence[ModuleNode]) -> list[str]:
+    """One boundary's tree as aligned lines: indented names, each category and the total, the prediction's total
+    beside the measured one (with its error) where the run saved a per-module prediction."""
+    with_pred = any(n.predicted is not None for n in nodes)
+    rows = [["module", *MODULE_COLUMNS, *(["predicted"] if with_pred else [])]]
+    for n in nodes:
+        cells = ["  " * n.depth + n.label, *(fmt_bytes(getattr(n, c) if c == "total" else getattr(n.row, c))
+                                             for c in MODULE_COLUMNS)]  # fmt: skip
+        if with_pred:
+            p = n.predicted
+            cells.append("—" if p is None else fmt_bytes(p.total) + _delta(p.total, n.total, "bytes"))
+        rows.append(cells)
+    return _right_aligned(rows)
+
+
+def render_modules(run: RunData, b: Boundary, nodes: Sequence[ModuleNode], why: str) -> str:
+    """``show --modules``: the boundary named in a header line, then the tree as a table."""
+    lines = [f"run      {run.name}   [{run.status}]", f"modules  {b.label()} ({why}); {MODULES_NOTE}"]
+    lines += ["  " + line for line in module_table(nodes)]
+    if any(n.predicted is not None for n in nodes):
+        lines.append(
+            "predicted: the estimate saved when the run started (its step 1 stands for every later step);"
+            " (±%) against the measured total"
+        )
+    return "\n".join(one_line(line) for line in lines) + "\n"
+
+
+def _oom_module_lines(run: RunData) -> list[str]:
+    """Under an out-of-memory outcome: the modules at the last boundary before it, the root's largest children
+    and the recorded modules on the way to the one that was running."""
+    o = run.oom
+    if not o or not run.modules:
+        return []
+    step, micro, rank = (o.get(k) if isinstance(o.get(k), int) else 0 for k in ("step", "micro_step", "rank"))
+    rows = run.modules.last_before(step, micro, o.get("phase"), rank=rank)
+    if not rows:
+        return []
+    b = boundary_of(rows[0])
+    nodes = walk(build_tree(rows))
+    top = [n for n in nodes if n.depth == 1][:OOM_TOP_MODULES]
+    mod = o.get("module")
+    keep = {ROOT} | {n.path for n in top}
+    if isinstance(mod, str) and mod:
+        keep |= {n.path for n in nodes if mod == n.path or mod.startswith(n.path + ".")}
+    shown = [n for n in nodes if n.path in keep]
+    more = sum(1 for n in nodes if n.depth == 1) - len(top)
+    out = [f"modules  at {b.label()}, the last boundary before it ({MODULES_NOTE}):"]
+    out += ["  " + line for line in module_table(shown)]
+    if more > 0:
+        out.append(f"  … {more} more at depth 1: blipmon show RUN --modules --step {b.step} --phase {b.phase}")
+    return out
+
+
+def _changes(d: ModuleDiff, n_runs: int) -> str:
+    """What differs from run 1, per category: ``acts −12.00 MiB, grads +1.00 KiB`` (run numbers for 3+ runs)."""
+    if d.only_in:
+        runs = ", ".join(str(i + 1) for i in d.only_in)
+        return f"only in run{'s' if len(d.only_in) > 1 else ''} {runs}"
+    parts = []
+    for i in range(1, n_runs):
+        cats = [f"{c} {_signed(v)}" for c in MODULE_CATEGORIES if (v := d.delta(i, c))]
+        if cats:
+            parts.append((f"{i + 1}: " if n_runs > 2 else "") + ", ".join(cats))
+    return "; ".join(parts) or "same"
+
+
+def _module_values(d: ModuleDiff, i: int) -> dict[str, int] | None:
+    return None if d.rows[i] is None else {c: int(d.value(i, c) or 0) for c in MODULE_COLUMNS}
+
+
+def module_compare_json(runs: list[RunData]) -> dict[str, Any]:
+    """``compare --format json``'s ``modules``: each run's boundary, and every module's figures and changes."""
+    bounds, diffs = run_module_diffs(runs)
+    return {
+        "boundaries": [None if b is None else b.to_json() for b in bounds],
+        "rows": [
+            {
+                "module": d.path,
+                "depth": d.depth,
+                "changed": d.changed,
+                "values": [_module_values(d, i) for i in range(len(runs))],
+                "deltas": [
+                    None
+                    if i == 0 or d.rows[i] is None or d.rows[0] is None
+                    else {c: d.delta(i, c) for c in MODULE_COLUMNS}
+                    for i in range(len(runs))
+                ],
+            }  # fmt: skip
+            for d in diffs
+        ],
+    }
+
+
+def render_module_compare(runs: list[RunData], fmt: str = "table") -> str:
+    """``compare --modules`` in a text format: per module, each run's total (change against run 1) and what
+    changed per category. CSV is one row per module and run (its figures and their changes), as scripts read it."""
+    bounds, diffs = run_module_diffs(runs)
+    names = [one_line(r.name) for r in runs]
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["module", "depth", "run", "name", *MODULE_COLUMNS, *(f"delta_{c}" for c in MODULE_COLUMNS)])
+        for d in diffs:
+            for i in range(len(runs)):
+                if d.rows[i] is None:
+                    continue
+                deltas = ["" if i == 0 or d.rows[0] is None else d.delta(i, c) for c in MODULE_COLUMNS]
+                w.writerow([one_line(d.path), d.depth, i + 1, names[i], *(d.value(i, c) for c in MODULE_COLUMNS),
+                            *deltas])  # fmt: skip
+        return buf.getvalue()
+    where = " · ".join(f"{i + 1}. {b.label() if b else 'no module figures'}" for i, b in enumerate(bounds))
+    head = [f"modules  compared at {where}; {MODULES_NOTE}; changes against run 1"]
+    missing = [names[i] for i, b in enumerate(bounds) if b is None]
+    if missing:
+        head.append(f"note     no module figures in {', '.join(missing)} (attribution off, or a profile before it)")
+    header = ["module", *(f"{i + 1}. {n} total" for i, n in enumerate(names)), "changed"]
+    table = [header]
+    for d in diffs:
+        label = ("  " if fmt != "markdown" else "\u00a0\u00a0") * d.depth + (d.label if d.depth == 0 else
+                                                                             d.path)  # fmt: skip
+        cells = [one_line(label)]
+        for i in range(len(runs)):
+            v = d.value(i, "total")
+            cells.append(one_line(_fmt(v, "bytes") + (_delta(v, d.value(0, "total"), "bytes") if i else "")))
+        cells.append(_changes(d, len(runs)))
+        table.append(cells)
+    if fmt == "markdown":
+        lines = [
+            "| " + " | ".join(c.replace("|", "\\|") for c in header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table[1:]]
+        return "\n".join([*(one_line(h) for h in head), "", *lines]) + "\n"
+    return "\n".join([*(one_line(h) for h in head), *_right_aligned(table, text_last=True)]) + "\n"
+
+
 def phase_order(phase: str) -> int:
     return PHASES.index(phase) if phase in PHASES else len(PHASES)
 
@@ -388,8 +578,12 @@ __all__ = [
     "compare_rows",
     "median_seconds",
     "median_step_seconds",
+    "module_compare_json",
+    "module_table",
     "phase_order",
     "phase_total",
     "render_compare",
+    "render_module_compare",
+    "render_modules",
     "render_show",
 ]
