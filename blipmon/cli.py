@@ -8,6 +8,7 @@ when it is the one asked for, so ``blipmon show`` never imports torch or Textual
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from collections.abc import Sequence
@@ -142,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(command: str, args: argparse.Namespace) -> int:
     """``blipmon.commands.<command>.run(args)``, or say plainly that the command has not landed in this version."""
     module = f"blipmon.commands.{command}"
+    if _opens_dashboard(command, args):
+        gc.disable()  # start-up only: the app runs it again after its first frame (ui/app.py: startup_over)
     if command not in _NO_NUMPY:
         from blipmon.core.numpy_init import import_numpy_single_threaded
 
@@ -153,6 +156,13 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
             raise UsageError(f"`blipmon {command}` is not available in this version yet") from None
         raise
     return int(mod.run(args))
+
+
+def _opens_dashboard(command: str, args: argparse.Namespace) -> bool:
+    """Whether the command opens the dashboard (whose first frame ``gc.disable`` speeds up)."""
+    if command in ("dashboard", "replay", "attach"):
+        return True
+    return bool(getattr(args, "live", False) or getattr(args, "tui", False))
 
 
 def _join_dash_values(argv: list[str]) -> list[str]:

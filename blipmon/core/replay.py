@@ -30,6 +30,9 @@ SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 # How long a loader thread holds back before streaming if no view says its first frame is up
 # (``RunSource.view_shown``): a source used without a dashboard still loads, a little later.
 HOLD_S = 1.0
+# Read before the first frame: the header, the configuration and a first stretch of timeline (~300 samples of a
+# typical profile, more than the chart's columns). Every byte more is parsed in front of the first frame.
+FIRST_CHUNK = 64 << 10
 
 
 class ReplaySource(RunSource):
@@ -99,7 +102,7 @@ class ReplaySource(RunSource):
         with self._lock:
             before = self.reader.offset
             try:
-                follow_some(self.run, self.reader, min(self._chunk, 256 << 10) if first else self._chunk)
+                follow_some(self.run, self.reader, min(self._chunk, FIRST_CHUNK) if first else self._chunk)
             except ProfileError as e:
                 self._problem, self._done = str(e), True
                 return
