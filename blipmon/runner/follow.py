@@ -27,7 +27,7 @@ from blipmon.core.snapshot import RunSource, Snapshot, Stall, snapshot_of
 Clock = Callable[[], float]
 STALL_SECONDS = 10.0  # a followed run that wrote no record for this long is said to have stalled
 BACKLOG_BYTES = 8 << 20  # a file bigger than this when attached to is read in the background, in chunks
-HEAD_BYTES = 256 << 10  # what is read at once before a backlog streams in: header, config, environment
+HEAD_BYTES = 64 << 10  # read before the first frame when a backlog streams in: header, config, a first timeline
 
 
 def process_state(pid: Any, host: Any, started: Any) -> str:
