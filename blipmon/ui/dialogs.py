@@ -116,6 +116,7 @@ def binding_keys(
         "equals_sign": "=",
         "escape": "esc",
         "enter": "enter",
+        **{"comma": ",", "full_stop": ".", "up": "↑", "down": "↓"},  # the run view's module view (issue 12)
     }
     out = []
     for b in bindings:
