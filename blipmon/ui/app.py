@@ -24,10 +24,11 @@ from blipmon.core.outcomes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, EX
 from blipmon.core.replay import ReplaySource
 from blipmon.core.safe_text import one_line, printable
 from blipmon.core.snapshot import RunSource
-from blipmon.runner.detached import LiveRun
-from blipmon.runner.follow import FileFollowSource
-from blipmon.ui.export import export_path
 from blipmon.ui.live import RunResult, RunScreen
+
+# Imported where they are used: what a command's first frame does not need is not imported in front of it
+# (issue 17). ``runner.detached`` for ``run --live``, ``runner.follow`` for attach and live, ``ui.export`` for
+# Ctrl+S.
 
 
 def startup_over() -> None:
@@ -89,6 +90,8 @@ class BlipmonApp(App[Any]):
 
     def action_export_svg(self) -> None:
         view = getattr(self.screen, "export_name", None) or type(self.screen).__name__.removesuffix("Screen").lower()
+        from blipmon.ui.export import export_path
+
         path = export_path(view, "svg", self.export_dir)
         saved = self.save_screenshot(filename=path.name, path=str(path.parent))
         self.notify(f"saved {saved}", title="SVG", timeout=6)
@@ -125,11 +128,15 @@ def run_live(cfg: dict[str, Any], out: Path | None) -> int:
     ``blipmon attach``. Leaving it running returns 0.
     """
     try:
+        from blipmon.runner.detached import LiveRun
+
         live = LiveRun(cfg, out)
     except LaunchError as e:
         _say(f"{e}")
         return EXIT_ERROR
     _say(f"recording {cfg.get('name', 'run')} into {live.run_dir}")
+    from blipmon.runner.follow import FileFollowSource
+
     source = FileFollowSource(live.run_dir, mode="live")
     result = BlipmonApp(RunScreen(source, live)).run()
     if not isinstance(result, RunResult) or result.left_running or result.code is None:
@@ -199,6 +206,8 @@ def _run_view(source: RunSource) -> int:
 
 def run_attach(run_dir: Path) -> int:
     """``blipmon attach RUN``: follow a run written by another process; leaving never stops it."""
+    from blipmon.runner.follow import FileFollowSource
+
     return _run_view(FileFollowSource(Path(run_dir), mode="attach"))
 
 
