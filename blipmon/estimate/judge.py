@@ -84,6 +84,9 @@ class Judgement:
     def to_json(self) -> dict[str, Any]:
         """The estimate JSON: the estimate's own object, the overall verdict, ``devices`` and ``judged``."""
         data: dict[str, Any] = self.estimate.to_json()
+        data.setdefault("gpu_memory_bytes", int(self.capacity_bytes))
+        if self.device != "cpu":
+            data.setdefault("capacity_source", self.capacity_source)
         data["verdict"] = self.verdict
         data["devices"] = self.devices
         data["judged"] = {
@@ -248,10 +251,10 @@ def _judge_train(cfg: dict[str, Any], gpu_memory: int | None, host_memory: int |
     else:
         host = DeviceJudgement("cpu", est.peak_bytes, est.runtime_bytes, est.capacity_bytes, est.capacity_source)
         judged.append(host)
-    return _conclude(est, judged, est.device, gpu_memory, host_memory, t0, est.notes)
+    return conclude(est, judged, est.device, gpu_memory, host_memory, t0, est.notes)
 
 
-def _conclude(
+def conclude(
     est: Any,
     judged: list[DeviceJudgement],
     main: str,

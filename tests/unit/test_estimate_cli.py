@@ -79,9 +79,11 @@ def test_bad_config_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     assert code == 2 and "neither a preset" in err
 
 
-def test_load_jobs_are_refused_with_a_pointer(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "tiny/blip2-opt", "--set", "job.kind=load")
-    assert code == 2 and "blipmon models" in err
+def test_load_jobs_are_estimated_per_device(capsys: pytest.CaptureFixture[str]) -> None:
+    """(issue 13: they were refused before; tests/unit/test_estimate_load.py checks the figures)"""
+    code, out, _ = run(capsys, "tiny/blip2-opt", "--set", "job.kind=load", "--json")
+    assert code == 0
+    assert set(json.loads(out)["devices"]) == {"cpu"}  # no GPU here: auto is the CPU, as the runner reads it
 
 
 @pytest.mark.parametrize(("preset", "lab"), [("h100/opt-6.7b", "FITS"), ("a100/baseline", "OUT OF MEMORY")])
