@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from blipmon.core.errors import UsageError
-from blipmon.core.modules import MODULE_CATEGORIES, PHASE_ORDER, ModuleRecords, ModuleRow, rows_from_json
+from blipmon.core.modules import (
+    CURSOR_START,
+    MODULE_CATEGORIES,
+    PHASE_ORDER,
+    ModuleRecords,
+    ModuleRow,
+    rows_from_json,
+)
 
 ROOT = ""
 ROOT_LABEL = "(model)"  # how the root is named in tables and the dashboard: "" reads as nothing
@@ -361,6 +368,191 @@ def run_module_diffs(runs: Sequence[Any]) -> tuple[list[Boundary | None], list[M
     return bounds, compare_modules(rows)
 
 
+# -- the dashboard's module view (ui/widgets/modules.py draws it) -------------------------------------------------------
+
+
+def rows_seen(rows: Sequence[ModuleRow], phases: Sequence[Mapping[str, Any]], n_phases: int) -> int:
+    """How many of a run's ``rows`` (recording order) a replay has reached when it shows ``phases[:n_phases]``.
+
+    A boundary's module figures are seen with its phase record: a row is in when its boundary is at or before
+    its rank's last phase record shown. Rows are recorded in the run's order, so the rows in form a prefix,
+    found by bisection (a replay asks on every frame; a long run holds tens of thousands of rows).
+    """
+    last: dict[int, tuple[int, int, int]] = {}
+    ranks = {r.rank for r in rows[-64:]} | {rows[0].rank} if rows else set()
+    for i in range(n_phases - 1, max(n_phases - 1 - 64 * max(len(ranks), 1), -1), -1):
+        p = phases[i]
+        rank = p.get("rank") or 0
+        if rank not in last:
+            last[rank] = (int(p.get("step") or 0), int(p.get("micro_step") or 0), PHASE_ORDER.get(p.get("phase"), -1))
+        if ranks <= set(last):
+            break
+
+    def seen(r: ModuleRow) -> bool:
+        at = last.get(r.rank)
+        return at is not None and (r.step, r.micro_step, PHASE_ORDER[r.phase]) <= at
+
+    lo, hi = 0, len(rows)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if seen(rows[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class RowIndex:
+    """Where each boundary's rows lie in a run's append-only row list, extended as a view sees more of it.
+
+    The dashboard's module view asks for one boundary's rows on every frame; scanning every row of a long run
+    each time would cost the view its idle CPU. Held by one reader (the dashboard's UI thread), so it needs no
+    lock; a replay seeking back (fewer rows) trims it.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.spans: dict[Boundary, list[tuple[int, int]]] = {}  # first-seen order = recording order
+
+    def update(self, rows: Sequence[ModuleRow]) -> None:
+        n = len(rows)
+        if n < self.n:
+            self.spans = {b: [(a, min(z, n)) for a, z in sp if a < n] for b, sp in self.spans.items()}
+            self.spans = {b: sp for b, sp in self.spans.items() if sp}
+        for i in range(min(self.n, n), n):
+            b = Boundary(*rows[i].boundary)
+            sp = self.spans.setdefault(b, [])
+            if sp and sp[-1][1] == i:
+                sp[-1] = (sp[-1][0], i + 1)
+            else:
+                sp.append((i, i + 1))
+        self.n = n
+
+    def boundaries(self, rank: int) -> list[Boundary]:
+        """The rank's boundaries in recording order, each micro-step's apart."""
+        return [b for b in self.spans if b.rank == rank]
+
+    def rows(self, rows: Sequence[ModuleRow], b: Boundary) -> list[ModuleRow]:
+        return [rows[i] for a, z in self.spans.get(b, ()) for i in range(a, z)]
+
+
+@dataclass(frozen=True)
+class ModulePanel:
+    """What the run view's module view draws: one boundary's tree, opened where the user opened it."""
+
+    boundary: Boundary | None
+    following: bool  # True: the view follows the run (the latest step); False: a boundary the user chose
+    position: int  # the boundary's place among the rank's boundaries (0-based), for "3/12"
+    count: int  # how many boundaries the rank has recorded
+    nodes: tuple[ModuleNode, ...] = ()  # the open part of the tree, in display order
+    openable: frozenset[str] = frozenset()  # paths that have children
+    expanded: frozenset[str] = frozenset()
+    with_prediction: bool = False
+    oom: str | None = None  # where the run ran out of memory (``in language_model.x (backward)``), if it did
+    oom_paths: frozenset[str] = frozenset()  # the recorded modules on the way to the one running then
+
+
+def oom_text(oom: Mapping[str, Any] | None) -> str | None:
+    """``in language_model.model.decoder.layers.1 (backward)``: the module an OOM record names, or None."""
+    mod = oom.get("module") if oom else None
+    if not isinstance(mod, str):
+        return None
+    how = oom.get("module_pass") if oom else None
+    return f"in {ROOT_LABEL if mod == ROOT else mod}" + (f" ({how})" if isinstance(how, str) else "")
+
+
+def boundary_before_oom(bounds: Sequence[Boundary], oom: Mapping[str, Any]) -> Boundary | None:
+    """Of a rank's boundaries (recording order), the last one reached before the OOM (``ModuleRecords.last_before``'s
+    rule: the job's cursor names the interval it failed in, which starts at a boundary of that micro-step)."""
+    step, micro = oom.get("step"), oom.get("micro_step") or 0
+    cursor = oom.get("phase")
+    start = CURSOR_START.get(cursor, cursor) if isinstance(cursor, str) else None
+    if not isinstance(step, int) or not isinstance(micro, int):
+        return None
+    limit = (step, micro, PHASE_ORDER[start]) if start in PHASE_ORDER else (step, 0, -1)
+    found = [b for b in bounds if (b.step, b.micro_step, PHASE_ORDER[b.phase]) <= limit]
+    return found[-1] if found else None
+
+
+def step_peak_boundary(index: RowIndex, rows: Sequence[ModuleRow], bounds: Sequence[Boundary], step: int) -> Boundary:
+    """Of one step's boundaries (each phase at its last micro-step), the one whose root holds the most; on a
+    tie the earlier phase. ``bounds`` must hold at least one boundary of ``step``."""
+    last = {b.phase: b for b in bounds if b.step == step}
+
+    def root(b: Boundary) -> int:
+        return next((r.total for r in index.rows(rows, b) if r.module == ROOT), 0)
+
+    return max(last.values(), key=lambda b: (root(b), -PHASE_ORDER[b.phase]))
+
+
+def module_panel(
+    index: RowIndex,
+    rows: Sequence[ModuleRow],
+    *,
+    rank: int = 0,
+    step_hint: int | None = None,
+    pinned: Boundary | None = None,
+    expanded: Iterable[str] = (ROOT,),
+    predicted: Sequence[ModuleRow] = (),
+    oom: Mapping[str, Any] | None = None,
+) -> ModulePanel:
+    """The module view's content for the rows a snapshot holds (``index`` updated to them here).
+
+    Following (no ``pinned`` boundary, or one the snapshot does not hold, as after a replay seeks back): the step
+    the phase bars show (``step_hint``; else the newest step with module figures) at its largest phase; once the
+    run has run out of memory (``oom``, the snapshot's record, on this rank), the last boundary before it. The
+    prediction's figures stand beside each module where the run saved them (``predicted_at``).
+    """
+    index.update(rows)
+    bounds = index.boundaries(rank)
+    mine = oom if oom is not None and (oom.get("rank") or 0) == rank else None
+    where = oom_text(mine)
+    if not bounds:
+        return ModulePanel(None, pinned is None, 0, 0, oom=where)
+    before = boundary_before_oom(bounds, mine) if mine is not None else None
+    if pinned is not None and pinned in index.spans and pinned.rank == rank:
+        b, following = pinned, False
+    elif before is not None:
+        b, following = before, True
+    else:
+        steps = {x.step for x in bounds}
+        step = step_hint if step_hint in steps else bounds[-1].step
+        b, following = step_peak_boundary(index, rows, bounds, step), True
+    mod = mine.get("module") if mine is not None else None
+    on_way = frozenset()
+    if isinstance(mod, str) and b == before:
+        on_way = frozenset(r.module for r in index.rows(rows, b) if r.module == ROOT or mod == r.module
+                           or mod.startswith(r.module + "."))  # fmt: skip
+    open_ = frozenset(expanded)
+    roots = build_tree(index.rows(rows, b), predicted_at(predicted, b.step, b.phase))
+    every = walk(roots)
+    return ModulePanel(
+        b,
+        following,
+        bounds.index(b),
+        len(bounds),
+        tuple(walk(roots, expanded=open_)),
+        frozenset(n.path for n in every if n.children),
+        open_,
+        any(n.predicted is not None for n in every),
+        where if b == before else None,
+        on_way,
+    )
+
+
+def step_boundary(index: RowIndex, rank: int, current: Boundary | None, delta: int) -> Boundary | None:
+    """The boundary ``delta`` places from ``current`` among the rank's (clamped); None past the newest (follow
+    the run again)."""
+    bounds = index.boundaries(rank)
+    if not bounds:
+        return None
+    i = bounds.index(current) if current in bounds else len(bounds) - 1
+    j = i + delta
+    if j >= len(bounds):
+        return None
+    return bounds[max(j, 0)]
+
+
 __all__ = [
     "NO_MODULES",
     "ROOT",
@@ -368,6 +560,9 @@ __all__ = [
     "Boundary",
     "ModuleDiff",
     "ModuleNode",
+    "ModulePanel",
+    "RowIndex",
+    "boundary_before_oom",
     "boundary_of",
     "boundary_tree",
     "build_tree",
@@ -379,9 +574,14 @@ __all__ = [
     "parents",
     "predicted_at",
     "predicted_rows",
+    "module_panel",
+    "oom_text",
     "rows_at",
+    "rows_seen",
     "run_module_diffs",
     "select_boundary",
+    "step_boundary",
+    "step_peak_boundary",
     "tree_json",
     "walk",
 ]

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from blipmon.core.module_view import predicted_rows, rows_seen
+from blipmon.core.modules import ModuleRow
 from blipmon.core.phase_index import PhaseIndex, rank_of
 from blipmon.core.run import PHASES, RunData, phase_total
 from blipmon.core.safe_text import one_line
@@ -137,6 +139,10 @@ class Snapshot:
     problem: str | None = None  # why the run cannot be read any more, in the user's words
     stall: Stall | None = None  # a followed run that has written nothing for a while, and its process
     data_version: int = 0  # changes only when samples, phases or steps do
+    # Per-module figures (issue 12): the rows recorded so far (a replay: those of the boundaries it has reached),
+    # and the prediction the run saved when it started (its ``modules`` are the predicted rows).
+    module_rows: Sequence[ModuleRow] = ()
+    prediction: dict[str, Any] | None = None
     index: PhaseIndex | None = field(default=None, repr=False, compare=False)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -250,6 +256,12 @@ class Snapshot:
             if v > out.get(ph, -1):
                 out[ph] = v
         return out
+
+    def predicted_modules(self) -> list[ModuleRow]:
+        """The saved prediction's per-module rows ([] when it saved none), read once per snapshot."""
+        if "predicted_modules" not in self._memo:
+            self._memo["predicted_modules"] = predicted_rows(self.prediction)
+        return self._memo["predicted_modules"]
 
     def world_size(self) -> int:
         """How many ranks the run said it has (1 when it did not say: a single-rank run)."""
@@ -385,6 +397,8 @@ def snapshot_of(
         t = ev.get("t")
         return ev if not isinstance(t, (int, float)) or t <= upto else None
 
+    rows = run.modules.rows
+    n_rows = len(rows) if upto is None else rows_seen(Prefix(rows, len(rows)), run.phases, nph)
     return Snapshot(
         version=version,
         data_version=data_version,
@@ -413,6 +427,8 @@ def snapshot_of(
         problem=problem,
         stall=stall,
         index=index,
+        module_rows=Prefix(rows, n_rows),
+        prediction=seen(run.prediction),
     )
 
 

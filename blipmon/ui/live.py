@@ -4,6 +4,12 @@ The screen polls its source on a timer and hands each snapshot to its widgets; w
 only what changed. Which keys exist depends on the mode: ``s`` stops only a run we launched,
 the replay keys only in a replay. Leaving never stops a run unless the user says so.
 
+``m`` swaps the memory timeline for the module view (issue 12): the model's modules as a tree, each with a
+stacked bar at one phase boundary, the prediction beside. It follows the step the phase bars show (at that step's
+largest phase) until ``,``/``.`` choose another boundary (``.`` past the newest follows again); ``↑``/``↓`` move
+the cursor and ``enter`` opens or closes a module. Its data is the snapshot's module rows (a replay: those of
+the boundaries it has reached), so live, attach and replay behave alike.
+
 A multi-rank run adds ``r``: the header, memory timeline, phase bars and step charts show rank 0,
 then each rank in turn, then all ranks at once (the timeline as the envelope of every rank's
 samples, each phase's min..max across ranks); the phase strip under the timeline is the shown
@@ -24,12 +30,14 @@ from textual.widgets import Footer, Log, Static
 
 from blipmon.core.layout import LOG
 from blipmon.core.logtail import LOG_LINES
+from blipmon.core.module_view import NO_MODULES, ROOT, Boundary, ModulePanel, RowIndex, module_panel, step_boundary
 from blipmon.core.outcomes import EXIT_STOPPED, run_exit_code
 from blipmon.core.ranks import ALL, next_rank, rank_view
 from blipmon.core.safe_text import one_line
 from blipmon.core.snapshot import RunSource, Snapshot
 from blipmon.runner.detached import LiveRun
 from blipmon.ui.dialogs import ConfirmScreen, HelpScreen, StopOrLeaveScreen, binding_keys
+from blipmon.ui.widgets.modules import ModuleView
 from blipmon.ui.widgets.phase_bars import PhaseBars
 from blipmon.ui.widgets.run_header import RunHeader, banner_content, banner_text
 from blipmon.ui.widgets.steps import StepCharts
@@ -37,6 +45,7 @@ from blipmon.ui.widgets.timeline import TimelineChart
 
 REFRESH_SECONDS = 0.5  # the default refresh: memory moves slower than this, and it keeps the CPU idle
 
+_MODULE_ACTIONS = {"module_prev", "module_next", "module_up", "module_down", "module_open"}
 _REPLAY_ACTIONS = {"pause", "faster", "slower", "back", "forward", "back_long", "forward_long", "start", "end"}
 
 
@@ -82,6 +91,13 @@ class RunScreen(Screen[RunResult]):
         Binding("home", "start", "to start", show=False),
         Binding("end", "end", "to end", show=False),
         Binding("r", "rank", "rank"),
+        Binding("m", "modules", "modules"),
+        Binding("m", "no_modules", "modules (none recorded: says why)", show=False),
+        Binding("comma", "module_prev", "previous boundary", show=False, key_display=","),
+        Binding("full_stop", "module_next", "next boundary (then: follow)", show=False, key_display="."),
+        Binding("up", "module_up", "module above", show=False),
+        Binding("down", "module_down", "module below", show=False),
+        Binding("enter", "module_open", "open / close the module", show=False),
         Binding("q,escape", "leave", "leave"),
         Binding("question_mark", "help", "help", key_display="?"),
     ]
@@ -100,6 +116,14 @@ class RunScreen(Screen[RunResult]):
         self._leaving = False
         self.rank: int | None = 0  # the rank the panels show; ALL (None) = the spread across ranks
         self._multi_shown: bool | None = None
+        self._modules_known: bool | None = None
+        # the module view: shown or not, a boundary the user chose (None: follow the run), what is open, the cursor
+        self.modules_shown = False
+        self.module_pinned: Boundary | None = None
+        self.module_expanded: set[str] = {ROOT}
+        self.module_cursor: str = ROOT
+        self.module_panel: ModulePanel | None = None
+        self._module_index = RowIndex()
 
     @property
     def mode(self) -> str:
@@ -109,6 +133,7 @@ class RunScreen(Screen[RunResult]):
         yield RunHeader(id="run-header")
         yield Static("", id="banner")
         yield TimelineChart(id="timeline")
+        yield ModuleView(id="modules")
         with Horizontal(id="lower"):
             yield PhaseBars(id="phases")
             yield StepCharts(id="steps")
@@ -119,6 +144,7 @@ class RunScreen(Screen[RunResult]):
     def on_mount(self) -> None:
         self.query_one("#log", Log).border_title = LOG
         self.query_one("#banner").display = False
+        self.query_one(ModuleView).display = False
         self.tick()
         self.set_interval(self.refresh_seconds, self.tick)
         # The first frame is drawn; once the terminal has had it (a moment), the rest may stream in.
@@ -141,6 +167,8 @@ class RunScreen(Screen[RunResult]):
         self.query_one(TimelineChart).show(snap, view.sample_rank)
         self.query_one(PhaseBars).show(snap, view)
         self.query_one(StepCharts).show(snap, view)
+        if self.modules_shown:
+            self._show_modules(snap, view)
         text = banner_text(snap)
         if text != self._banner_shown:
             self._banner_shown = text
@@ -158,10 +186,35 @@ class RunScreen(Screen[RunResult]):
                 log.clear()
                 log.write_lines(lines)
             self._log_shown = lines
-        if snap.finished != self._finished_shown or view.multi != self._multi_shown:
-            # only then does a key appear or go (stop; rank once a second rank is known)
-            self._finished_shown, self._multi_shown = snap.finished, view.multi
+        has_modules = len(snap.module_rows) > 0
+        if (snap.finished, view.multi, has_modules) != (self._finished_shown, self._multi_shown, self._modules_known):
+            # only then does a key appear or go (stop; rank once a second rank is known; modules once recorded)
+            self._finished_shown, self._multi_shown, self._modules_known = snap.finished, view.multi, has_modules
             self.refresh_bindings()
+
+    def _show_modules(self, snap: Snapshot, view: Any) -> None:
+        """Build the module view's panel for the shown rank and the phase bars' step, keep the cursor on a module
+        that is shown, and hand both to the widget."""
+        rank = view.sample_rank if view.sample_rank is not None else 0
+        latest = view.latest
+        hint = latest[-1].get("step") if latest else None
+        panel = module_panel(
+            self._module_index,
+            snap.module_rows,
+            rank=rank,
+            step_hint=hint if isinstance(hint, int) else None,
+            pinned=self.module_pinned,
+            expanded=self.module_expanded,
+            predicted=snap.predicted_modules(),
+            oom=snap.oom,
+        )
+        if panel.following:
+            self.module_pinned = None
+        paths = [n.path for n in panel.nodes]
+        if self.module_cursor not in paths:
+            self.module_cursor = paths[0] if paths else ROOT
+        self.module_panel = panel
+        self.query_one(ModuleView).show(panel, self.module_cursor)
 
     # -- which keys exist ----------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -171,6 +224,11 @@ class RunScreen(Screen[RunResult]):
             return self.mode == "replay"
         if action == "rank":
             return self.snapshot is not None and len(self.snapshot.ranks()) > 1
+        if action in _MODULE_ACTIONS:
+            return self.modules_shown
+        if action in ("modules", "no_modules"):  # offered once the run has module figures (older profiles have none)
+            offered = self.modules_shown or (self.snapshot is not None and len(self.snapshot.module_rows) > 0)
+            return offered if action == "modules" else not offered
         return True
 
     def visible_actions(self) -> set[str]:
@@ -241,6 +299,59 @@ class RunScreen(Screen[RunResult]):
             return
         self.rank = next_rank(self.snapshot.ranks(), self.rank)
         self.show(self.snapshot)
+
+    # the module view
+    def action_modules(self) -> None:
+        """Swap the memory timeline for the module view, or back."""
+        self.modules_shown = not self.modules_shown
+        self.query_one(ModuleView).display = self.modules_shown
+        self.query_one(TimelineChart).display = not self.modules_shown
+        if self.snapshot is not None:
+            self.show(self.snapshot)
+        self.refresh_bindings()
+
+    def action_no_modules(self) -> None:
+        """``m`` on a run without module figures (yet): say why rather than show an empty view."""
+        self.notify(NO_MODULES, title="modules", timeout=8)
+
+    def _redraw_modules(self) -> None:
+        if self.snapshot is not None and self.modules_shown:
+            self._show_modules(self.snapshot, rank_view(self.snapshot, self.rank))
+
+    def _move_boundary(self, delta: int) -> None:
+        panel = self.module_panel
+        if panel is None or panel.boundary is None:
+            return
+        self.module_pinned = step_boundary(self._module_index, panel.boundary.rank, panel.boundary, delta)
+        self._redraw_modules()
+
+    def action_module_prev(self) -> None:
+        self._move_boundary(-1)
+
+    def action_module_next(self) -> None:
+        self._move_boundary(1)
+
+    def _move_cursor(self, delta: int) -> None:
+        paths = [n.path for n in self.module_panel.nodes] if self.module_panel else []
+        if not paths:
+            return
+        i = paths.index(self.module_cursor) if self.module_cursor in paths else 0
+        self.module_cursor = paths[max(0, min(i + delta, len(paths) - 1))]
+        self._redraw_modules()
+
+    def action_module_up(self) -> None:
+        self._move_cursor(-1)
+
+    def action_module_down(self) -> None:
+        self._move_cursor(1)
+
+    def action_module_open(self) -> None:
+        """Open the cursor's module (its children appear, largest first), or close it."""
+        path = self.module_cursor
+        if self.module_panel is None or path not in self.module_panel.openable:
+            return
+        self.module_expanded ^= {path}
+        self._redraw_modules()
 
     def select_rank(self, rank: int | None) -> None:
         """Show ``rank`` (``ALL`` for every rank): for callers and tests that want one directly."""

@@ -171,3 +171,24 @@ def test_module_records_read_from_a_file_give_the_same_tree(tmp_path: Path) -> N
     assert b == Boundary(0, 1, 0, "after_fwd")
     assert [n.path for n in walk(build_tree(rows_at(run.modules, b)))][:3] == ["", "language_model",
                                                                               "language_model.model.decoder"]  # fmt: skip
+
+
+def test_a_replay_sees_the_rows_of_the_boundaries_it_reached_and_the_index_follows_it_back() -> None:
+    from blipmon.core.module_view import RowIndex, rows_seen
+
+    run = _run()
+    rows, phases, n = run.modules.rows, run.phases, len(mp.TREE)
+    # each phase record's boundary holds len(TREE) rows: k phase records shown -> k x 6 rows
+    assert [rows_seen(rows, phases, k) for k in (0, 1, 5, 12)] == [0, n, 5 * n, 12 * n]
+    index = RowIndex()
+    index.update(rows)
+    assert len(index.boundaries(0)) == 12
+    assert index.rows(rows, Boundary(0, 1, 0, "after_fwd")) == rows_at(run.modules, Boundary(0, 1, 0, "after_fwd"))
+    index.update(rows[: 5 * n])  # a replay seeking back
+    assert index.boundaries(0) == [Boundary(0, 0, 0, p) for p in mp.PHASES] + [Boundary(0, 1, 0, "before_fwd")]
+    assert index.rows(rows, Boundary(0, 1, 0, "after_fwd")) == []
+    index.update(rows)  # and forward again
+    assert len(index.boundaries(0)) == 12
+    assert index.rows(rows, Boundary(0, 2, 0, "after_opt_step")) == rows_at(
+        run.modules, Boundary(0, 2, 0, "after_opt_step")
+    )
