@@ -190,3 +190,79 @@ def rows_from_json(items: Any) -> list[ModuleRow]:
             continue
         out.append(ModuleRow(nums[0], nums[1], nums[2], it["phase"], it["module"], *cats))  # type: ignore[arg-type]
     return out
+
+
+# -- the tree a writer attributes to (pure: the probe and the estimator build theirs with these) ----------------
+# A wrapper's prefix on a module path: DDP's and DeepSpeed's ``module.``, PEFT's ``base_model.model.``. Dropped so
+# a LoRA or DDP run names the same modules as a plain one.
+WRAPPER_PREFIXES = ("module.", "base_model.model.")
+
+
+def canonical_name(name: str) -> str:
+    """A module or parameter path without the wrappers' prefixes (``module.base_model.model.x`` -> ``x``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+        if name in ("module", "base_model.model"):  # the wrapped model itself
+            return ""
+    return name
+
+
+def tree_names(names: list[str], depth: int) -> list[str]:
+    """The module paths of a ``module_tree`` from ``named_modules()``'s paths: the root and every path at most
+    ``depth`` levels below it, in the order given (``named_modules()`` lists parents before children)."""
+    out = [""]
+    seen = {""}
+    for n in names:
+        if n and n not in seen and n.count(".") < depth:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def tree_parents(names: list[str] | tuple[str, ...]) -> list[int]:
+    """Each module's parent in the tree (its nearest ancestor path that is in the tree); -1 for the root."""
+    index = {n: i for i, n in enumerate(names)}
+    parents = []
+    for n in names:
+        if n == "":
+            parents.append(-1)
+            continue
+        parent = 0
+        parts = n.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            i = index.get(".".join(parts[:k]))
+            if i is not None:
+                parent = i
+                break
+        parents.append(parent)
+    return parents
+
+
+def owner_index(names: list[str] | tuple[str, ...], path: str, index: dict[str, int] | None = None) -> int:
+    """The tree slot a tensor path (``a.b.c.weight``) or module path belongs to: its deepest ancestor in the tree
+    (the root, 0, when none is)."""
+    index = {n: i for i, n in enumerate(names)} if index is None else index
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        i = index.get(".".join(parts[:k]))
+        if i is not None:
+            return i
+    return index.get("", 0)
+
+
+def inclusive(parents: list[int], own: list[int]) -> list[int]:
+    """Inclusive figures from each module's own (exclusive) bytes: a module's figure adds its children's.
+
+    Parents come before their children, so one pass from the end adds every subtree into its parent; the root's
+    figure is the sum of every module's own bytes (the phase's total).
+    """
+    out = list(own)
+    for i in range(len(out) - 1, 0, -1):
+        p = parents[i]
+        if p >= 0:
+            out[p] += out[i]
+    return out

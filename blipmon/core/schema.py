@@ -321,6 +321,16 @@ SCHEMA: dict[str, Field] = {
         "depth below the root: 2 = the top-level children (`vision_model`, `qformer`, `language_model`) and their "
         "children; `0` turns it off",
     ),
+    "runtime.module_every": Field(
+        (int,),
+        10,
+        minimum=1,
+        maximum=1_000_000,
+        why="1 = every step; the per-module records of a long run then outweigh the rest of its profile",
+        help="per-module memory at steps 0 and 1 and every N-th step after (the phases: every step)",
+        doc="per-module memory is recorded at every boundary of steps 0 and 1 and of every N-th step after "
+        "(step % N == 0); the phase figures are recorded at every step whatever N is. 1 = every step (docs/modules.md)",
+    ),
     "runtime.predict": Field(
         (bool,),
         True,

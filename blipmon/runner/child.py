@@ -501,6 +501,9 @@ def _record_failure(
                 rec.update(read(list(devices), stats=stats).as_record())
             except Exception as err:  # noqa: BLE001 - the OOM itself must still be recorded
                 rec["state_error"] = f"{type(err).__name__}: {err}"[:300]
+        where = getattr(cursor, "where", None)
+        if callable(where):  # which module ran, in which pass (the probe's module map; issue 12)
+            rec.update(where())
         emit(
             "oom",
             step=cursor.step,

@@ -78,6 +78,27 @@ class StorageCounter:
             self._cache = {i: v for i, v in cache.items() if v[0]() is not None}
         return total, on_cuda
 
+    def count_slots(self, pairs: Iterable[tuple[torch.Tensor, int]], own: list[int]) -> tuple[int, int]:
+        """``count`` of ``(tensor, module slot)`` pairs that also adds each unique storage's bytes to ``own[slot]``
+        of the first pair holding it. The total is ``count``'s (unique storages do not depend on the order), so a
+        module breakdown always adds up to the phase's figure."""
+        cache = self._cache
+        seen: set[_Key] = set()
+        total = on_cuda = 0
+        for t, slot in pairs:
+            hit = cache.get(id(t))
+            if hit is None or hit[0]() is not t:
+                hit = self._fill(t)
+            k = hit[1]
+            if k in seen:
+                continue
+            seen.add(k)
+            total += hit[2]
+            own[slot] += hit[2]
+            if hit[3]:
+                on_cuda += hit[2]
+        return total, on_cuda
+
 
 # -- accelerate's dispatched models ------------------------------------------------------------------------------
 # ``from_pretrained`` with a device map that has CPU (or disk) parts hands the model to accelerate, which moves
@@ -258,8 +279,8 @@ class SavedTensorTracker:
     def _unpack(t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def note(self, t: torch.Tensor) -> None:
-        """Count a tensor autograd keeps by other means (an activation-checkpointing input)."""
+    def note(self, t: torch.Tensor, module: Any = None) -> None:
+        """Count a tensor autograd keeps by other means (an activation-checkpointing input of ``module``)."""
         self._refs.append(weakref.ref(t))
 
     @contextmanager
@@ -284,6 +305,10 @@ class CountingSavedTensorTracker(SavedTensorTracker):
     (most of the probe's time on a small model); the pack hook already holds the tensor. The estimator keeps the
     plain tracker: fake tensors have no storage address to key.
 
+    With a ``ModuleMap`` attached (``where``), each saved tensor also remembers the module running when it was
+    saved (one attribute read in the hook: the map keeps the innermost module's slot current), so a boundary can
+    split the activations by module at no extra cost per tensor.
+
     The hooks run inside the user's forward, so they never raise: a tensor whose storage cannot be read (sparse,
     a wrapper subclass) is remembered as a failure that ``count`` raises at the next boundary, where the callers
     turn it into "phase recording stopped". A storage resized after it was saved (FSDP frees them with
@@ -292,23 +317,26 @@ class CountingSavedTensorTracker(SavedTensorTracker):
 
     def __init__(self) -> None:
         super().__init__()
-        self._entries: list[tuple[weakref.ref[torch.Tensor], _Key, int, bool]] = []
+        self._entries: list[tuple[weakref.ref[torch.Tensor], _Key, int, bool, int]] = []
         self.failure: str | None = None
+        self.where: ModuleMap | None = None
 
-    def _add(self, t: torch.Tensor) -> None:
+    def _add(self, t: torch.Tensor, slot: int) -> None:
         try:
-            self._entries.append((weakref.ref(t), *_key(t)))
+            self._entries.append((weakref.ref(t), *_key(t), slot))
         except Exception as e:  # noqa: BLE001 - reported at the boundary, never inside the forward
             if self.failure is None:
                 self.failure = f"cannot read the storage of a saved {type(t).__name__} ({type(e).__name__}: {e})"
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         alias = t.detach()
-        self._add(alias)
+        where = self.where
+        self._add(alias, 0 if where is None else where.current)
         return alias
 
-    def note(self, t: torch.Tensor) -> None:
-        self._add(t)
+    def note(self, t: torch.Tensor, module: Any = None) -> None:
+        where = self.where
+        self._add(t, 0 if where is None else where.slot_of(module))
 
     def alive(self) -> Iterator[torch.Tensor]:
         for r, *_ in self._entries:
@@ -316,8 +344,11 @@ class CountingSavedTensorTracker(SavedTensorTracker):
             if t is not None:
                 yield t
 
-    def count(self, exclude: set[_Key]) -> tuple[int, int]:
-        """(total bytes, bytes on CUDA) of the unique live saved storages, ``exclude`` (parameters) left out."""
+    def count(self, exclude: set[_Key], own: list[int] | None = None) -> tuple[int, int]:
+        """(total bytes, bytes on CUDA) of the unique live saved storages, ``exclude`` (parameters) left out.
+
+        ``own``: each storage's bytes are also added to the slot of the module that saved it first (the root's,
+        0, for one saved outside every module)."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
         seen: set[_Key] = set()
@@ -332,10 +363,149 @@ class CountingSavedTensorTracker(SavedTensorTracker):
                 continue
             seen.add(k)
             total += entry[2]
+            if own is not None:
+                own[entry[4]] += entry[2]
             if entry[3]:
                 on_cuda += entry[2]
         self._entries = live
         return total, on_cuda
+
+
+def unwrap_model(model: Any) -> tuple[Any, list[Any]]:
+    """The transformers model inside DDP's, DeepSpeed's and PEFT's wrappers, and the wrappers (outermost first).
+
+    Module paths are taken from the model itself, so a run with LoRA or DDP names the same modules as a plain one
+    (the wrappers' prefixes, ``module.`` and ``base_model.model.``, never appear).
+    """
+    wrappers: list[Any] = []
+    for _ in range(8):
+        inner = None
+        if type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "FullyShardedDataParallel"):
+            inner = getattr(model, "module", None)
+        elif type(model).__module__.startswith("peft"):
+            base = getattr(model, "base_model", None)
+            inner = getattr(base, "model", None) if base is not None else None
+        if not isinstance(inner, torch.nn.Module):
+            break
+        wrappers.append(model)
+        model = inner
+    return model, wrappers
+
+
+class ModuleMap:
+    """Which module of the model's tree each tensor belongs to, and which module is running now (issue 12).
+
+    The tree (``core.modules.tree_names``) is the model's modules down to ``depth`` levels. Every module of the
+    model gets the slot of its deepest ancestor in the tree, and so does every parameter (tied weights: the
+    first name ``named_parameters()`` gives). What runs is followed with a forward pre-hook and a forward hook on
+    the tree's modules only (two Python calls per module call: at the default depth a few dozen per step), which
+    keep ``current`` (the innermost running module's slot) for the saved-tensor hook to read; the modules one
+    level below the tree are hooked too, under their tree ancestor's slot, because a model may call a grandchild
+    directly and skip its tree parent's forward. For the backward
+    pass the forward hook registers a pre-hook on each output's autograd node, which sets ``current`` when the
+    backward reaches that module: an out-of-memory error in backward names the module whose backward was entered
+    last. ``current`` is ``-1`` outside every module: the probe's slot lists have one more entry at the end,
+    which the boundary folds into the root's.
+    """
+
+    def __init__(self, model: Any, depth: int) -> None:
+        from blipmon.core.modules import owner_index, tree_names, tree_parents
+
+        root, wrappers = unwrap_model(model)
+        named = list(root.named_modules())
+        self.depth = depth
+        self.names: list[str] = tree_names([n for n, _ in named], depth)
+        self.parents = tree_parents(self.names)
+        index = {n: i for i, n in enumerate(self.names)}
+        self._module_slot: dict[int, int] = {}
+        for n, m in named:
+            self._module_slot.setdefault(id(m), owner_index(self.names, n, index))
+        self.param_slot: dict[int, int] = {}
+        for n, prm in root.named_parameters():
+            self.param_slot.setdefault(id(prm), owner_index(self.names, n, index))
+        self.param_names = {id(prm): n for n, prm in root.named_parameters()}
+        self.current = -1
+        self._stack: list[int] = []
+        self._claimed: set[int] = set()
+        self._handles: list[Any] = []
+        by_name = dict(named)
+        hooked: set[int] = set()
+        for w in [*wrappers, root]:  # a wrapper calls the model's forward directly (PEFT): its call is the root's
+            self._hook(w, 0, hooked)
+        for i, n in enumerate(self.names):
+            if i:
+                self._hook(by_name[n], i, hooked)
+        # One level below the tree too, under its parent's slot: a model may call a grandchild directly
+        # (``OPTForCausalLM`` runs ``self.model.decoder``, never ``self.model``), and its work is still its
+        # ancestor's.
+        for n, m in named:
+            if n and n.count(".") == depth:
+                self._hook(m, self._module_slot[id(m)], hooked)
+        self._on_backward = [self._backward_setter(i) for i in range(len(self.names))]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _hook(self, module: Any, slot: int, hooked: set[int]) -> None:
+        if id(module) in hooked:
+            return
+        hooked.add(id(module))
+
+        def enter(_m: Any, _args: Any) -> None:
+            self._stack.append(self.current)
+            self.current = slot
+
+        def leave(_m: Any, _args: Any, out: Any) -> None:
+            stack = self._stack
+            self.current = stack.pop() if stack else -1
+            if torch.is_grad_enabled():
+                self._watch_backward(out, slot)
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave))
+
+    def _backward_setter(self, slot: int) -> Callable[..., None]:
+        def entered(_grads: Any) -> None:
+            self.current = slot
+
+        return entered
+
+    def _watch_backward(self, out: Any, slot: int) -> None:
+        """Mark where backward enters this module: the autograd nodes of its outputs (the innermost module claims a
+        node an enclosing module returns as well)."""
+        if isinstance(out, torch.Tensor):
+            tensors: Iterable[Any] = (out,)
+        elif isinstance(out, (tuple, list)):
+            tensors = out
+        elif isinstance(out, Mapping):
+            tensors = out.values()
+        else:
+            return
+        claimed = self._claimed
+        for t in tensors:
+            fn = getattr(t, "grad_fn", None) if isinstance(t, torch.Tensor) else None
+            if fn is not None and id(fn) not in claimed:
+                claimed.add(id(fn))
+                fn.register_prehook(self._on_backward[slot])
+
+    def slot_of(self, module: Any) -> int:
+        """The slot of ``module`` (an activation-checkpointed layer), or the running module's for an unknown one."""
+        return self._module_slot.get(id(module), self.current) if module is not None else self.current
+
+    def reset(self) -> None:
+        """At a boundary: nothing runs between passes (an exception may have left the stack unwound)."""
+        self.current = -1
+        self._stack.clear()
+        self._claimed.clear()
+
+    def running(self) -> str | None:
+        """The innermost module running (its tree path), None outside every module."""
+        return self.names[self.current] if 0 <= self.current < len(self.names) else None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class HostRss:
@@ -400,11 +570,11 @@ def track_checkpoint_inputs(
         if func is None or getattr(func, "_blipmon_wrapped", False):
             continue
 
-        def noting(*args: Any, __func: Any = func, **kwargs: Any) -> Any:
+        def noting(*args: Any, __func: Any = func, __module: Any = module, **kwargs: Any) -> Any:
             if torch.is_grad_enabled():
                 for a in args:
                     if isinstance(a, torch.Tensor):
-                        tracker.note(a)
+                        tracker.note(a, __module)
                         if on_note is not None:
                             on_note(a)
             return __func(*args, **kwargs)
@@ -443,6 +613,8 @@ class PhaseProbe:
         devices: Sequence[int] | None = None,
         memory_stats: Callable[[int], Mapping[str, Any]] | None = None,
         reset_peak: Callable[[int], None] | None = None,
+        module_depth: int = 0,
+        module_every: int = 1,
     ) -> None:
         """``extra_grads``/``optim_state`` say where gradients and optimizer memory live when a strategy
         (DeepSpeed ZeRO) keeps them outside ``.grad`` and ``optimizer.state``; ``host_split`` adds the
@@ -450,10 +622,15 @@ class PhaseProbe:
 
         ``devices`` (CUDA indices) overrides the GPUs found on the model; ``memory_stats``/``reset_peak``
         replace ``torch.cuda.memory_stats``/``reset_peak_memory_stats`` (tests: several GPUs cannot exist here).
+
+        ``module_depth`` > 0 splits the four categories by module (``ModuleMap``) at every boundary of the steps
+        recorded in full: steps 0 and 1 and every ``module_every``-th step; each such boundary writes a ``modules``
+        record after its ``phase`` record (and the rank's ``module_tree`` before the first).
         """
         self.model = model
         self._extra_grads = extra_grads
         self._optim_state = optim_state or (lambda: optimizer_tensors(self.optimizer))
+        self._optim_state_custom = optim_state is not None
         self.host_split = host_split
         self.emit = emit
         self.optimizer = optimizer
@@ -467,6 +644,12 @@ class PhaseProbe:
         self.saved = CountingSavedTensorTracker()
         self._rss = HostRss()
         self._counter = StorageCounter()
+        self.module_every = max(1, int(module_every))
+        self.modules: ModuleMap | None = ModuleMap(model, module_depth) if module_depth > 0 else None
+        self.saved.where = self.modules
+        self._tree_sent: list[str] | None = None
+        self._params_own: list[int] = []
+        self._optim_own: list[int] | None = None
         self._params: list[torch.nn.Parameter] = []
         self._param_keys: set[_Key] = set()
         self._params_total = 0
@@ -500,6 +683,8 @@ class PhaseProbe:
             [o.tensor for o in offloaded_params(self.model) if o.tensor is not None] if len(real) < len(params) else []
         )
         self._params_total, self._params_cuda = storage_bytes(itertools.chain(real, host))
+        if self.modules is not None:
+            self._params_own = self._param_slots(real, len(real) < len(params))
         if self._fixed_devices is not None:
             self.devices = list(self._fixed_devices)
         elif self.cuda:
@@ -507,6 +692,55 @@ class PhaseProbe:
             self.devices = allocator.model_cuda_devices(self.model, default=default)
         else:
             self.devices = []
+
+    def _param_slots(self, real: list[torch.nn.Parameter], offloaded: bool) -> list[int]:
+        """Each module's own parameter bytes, adding up to the parameters' figure exactly.
+
+        A storage held by one parameter (or by tied ones: the same bytes) belongs to its first owner. A storage that
+        several parameters view in distinct regions (DeepSpeed's flat buffers) is split: each region to its
+        parameter's module, what no parameter views (alignment padding) to the root. Host copies of parameters
+        accelerate offloaded count at their parameter's module.
+        """
+        mm = self.modules
+        assert mm is not None
+        from blipmon.core.modules import owner_index
+
+        pairs: list[tuple[torch.Tensor, int]] = [(q, mm.param_slot.get(id(q), 0)) for q in real]
+        if offloaded:
+            index = {n: i for i, n in enumerate(mm.names)}
+            root_model, _ = unwrap_model(self.model)
+            for o in offloaded_params(root_model):
+                if o.tensor is not None:
+                    pairs.append((o.tensor, owner_index(mm.names, o.name, index)))
+        own = [0] * len(mm)
+        storages: dict[_Key, tuple[int, list[tuple[int, int, int]]]] = {}
+        for t, slot in pairs:
+            k, nbytes, _cuda = _key(t)
+            region = (t.data_ptr(), t.numel() * t.element_size(), slot)
+            entry = storages.setdefault(k, (nbytes, []))
+            entry[1].append(region)
+        for nbytes, regions in storages.values():
+            distinct: dict[tuple[int, int], int] = {}
+            for start, size, slot in regions:
+                distinct.setdefault((start, size), slot)
+            spans = sorted(distinct)
+            overlap = any(a[0] + a[1] > b[0] for a, b in itertools.pairwise(spans))
+            viewed = sum(size for _start, size in spans)
+            if len(distinct) == 1 or overlap or viewed > nbytes:
+                own[regions[0][2]] += nbytes
+                continue
+            for (_start, size), slot in distinct.items():
+                own[slot] += size
+            own[0] += nbytes - viewed
+        return own
+
+    def full_step(self, step: int) -> bool:
+        """Whether ``step`` is recorded in full (per module): steps 0 and 1, then every ``module_every``-th."""
+        return self.modules is not None and (step < 2 or step % self.module_every == 0)
+
+    def running_module(self) -> str | None:
+        """The innermost module running now (for an out-of-memory record); None outside every module or untracked."""
+        return self.modules.running() if self.modules is not None else None
 
     def start_interval(self) -> None:
         """Reset every GPU's peak: the next boundary's ``peak`` then covers only what happened since.
@@ -518,17 +752,38 @@ class PhaseProbe:
         if self.cuda:
             allocator.reset_peaks(self.devices, reset=self._reset)
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self, split: bool = False) -> dict[str, Any]:
+        """The four categories and the allocator's figures now; with ``split`` (a module map), also each module's
+        own bytes per category under ``"_own"`` (not written: ``boundary`` turns them into a ``modules`` record)."""
         count = self._counter.count
-        grads: Iterable[torch.Tensor] = (p.grad for p in self._params if p.grad is not None)
-        if self._extra_grads is not None:
-            grads = itertools.chain(grads, self._extra_grads())
-        g_total, g_cuda = count(grads)
-        if self._optim_dirty or not self._optim_hooked:
+        own: dict[str, list[int]] | None = None
+        mm = self.modules if split else None
+        if mm is not None:
+            n = len(mm) + 1  # the last slot: saved outside every module (``current == -1``), folded into the root
+            own = {"grads": [0] * n, "acts": [0] * n}
+            slot = mm.param_slot
+            pairs: Iterable[tuple[torch.Tensor, int]] = (
+                (p.grad, slot.get(id(p), 0)) for p in self._params if p.grad is not None
+            )
+            if self._extra_grads is not None:  # a strategy's own buffers (ZeRO's partitions) are every module's
+                pairs = itertools.chain(pairs, ((g, 0) for g in self._extra_grads()))
+            g_total, g_cuda = self._counter.count_slots(pairs, own["grads"])
+        else:
+            grads: Iterable[torch.Tensor] = (p.grad for p in self._params if p.grad is not None)
+            if self._extra_grads is not None:
+                grads = itertools.chain(grads, self._extra_grads())
+            g_total, g_cuda = count(grads)
+        if mm is not None and (self._optim_dirty or not self._optim_hooked or self._optim_own is None):
+            optim_own = [0] * (len(mm) + 1)
+            self._optim_bytes = self._counter.count_slots(self._optim_pairs(mm), optim_own)
+            self._optim_own = optim_own
+            self._optim_dirty = False
+        elif self._optim_dirty or not self._optim_hooked:
             self._optim_bytes = count(self._optim_state())
+            self._optim_own = None
             self._optim_dirty = False
         o_total, o_cuda = self._optim_bytes
-        a_total, a_cuda = self.saved.count(self._param_keys)
+        a_total, a_cuda = self.saved.count(self._param_keys, own["acts"] if own is not None else None)
         rec: dict[str, Any] = {
             "params": self._params_total,
             "grads": g_total,
@@ -549,16 +804,60 @@ class PhaseProbe:
             rec["other"] = reading.allocated - (self._params_cuda + g_cuda + o_cuda + a_cuda)
             # The next boundary's peak covers exactly the interval since this one.
             allocator.reset_peaks(self.devices, reset=self._reset)
+        if own is not None and self._optim_own is not None:
+            own["optim"] = list(self._optim_own)
+            own["params"] = [*self._params_own, 0]
+            rec["_own"] = own
         return rec
+
+    def _optim_pairs(self, mm: ModuleMap) -> Iterator[tuple[torch.Tensor, int]]:
+        """Optimizer state tensors with the slot of the parameter they belong to (a strategy's own state: root)."""
+        if self._optim_state_custom:
+            for t in self._optim_state():
+                yield t, 0
+            return
+        opt = self.optimizer
+        if opt is None:
+            return
+        slot = mm.param_slot
+        for p, state in opt.state.items():
+            if isinstance(state, dict):
+                s = slot.get(id(p), 0)
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        yield v, s
 
     def boundary(self, phase: str, step: int, micro_step: int) -> dict[str, Any]:
-        rec = {"step": step, "micro_step": micro_step, "rank": self.rank, "phase": phase, **self.measure()}
+        mm = self.modules
+        full = self.full_step(step)
+        if mm is not None:
+            mm.reset()
+        rec = {"step": step, "micro_step": micro_step, "rank": self.rank, "phase": phase, **self.measure(full)}
+        own = rec.pop("_own", None)
         self.emit("phase", **rec)
+        if own is not None and mm is not None:
+            self._emit_modules(mm, own, phase, step, micro_step)
         return rec
 
+    def _emit_modules(self, mm: ModuleMap, own: dict[str, list[int]], phase: str, step: int, micro: int) -> None:
+        from blipmon.core.modules import MODULE_CATEGORIES, inclusive
+
+        if self._tree_sent != mm.names:
+            self.emit("module_tree", rank=self.rank, depth=mm.depth, modules=mm.names)
+            self._tree_sent = list(mm.names)
+        lists = {}
+        for cat in MODULE_CATEGORIES:
+            figures = own[cat]
+            outside = figures.pop()
+            figures[0] += outside
+            lists[cat] = inclusive(mm.parents, figures)
+        self.emit("modules", step=step, micro_step=micro, rank=self.rank, phase=phase, **lists)
+
     def close(self) -> None:
-        """Release the open /proc file (a script may train many times in one process)."""
+        """Release the open /proc file (a script may train many times in one process) and the module hooks."""
         self._rss.close()
+        if self.modules is not None:
+            self.modules.remove()
 
 
 class NullProbe:
@@ -573,6 +872,9 @@ class NullProbe:
 
     def refresh_params(self) -> None:
         pass
+
+    def running_module(self) -> str | None:
+        return None
 
     def start_interval(self) -> None:
         pass

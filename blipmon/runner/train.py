@@ -41,6 +41,20 @@ class Cursor:
     step: int = 0
     micro_step: int = 0
     phase: str = "load"  # load | forward | backward | optimizer_step | generate
+    # The innermost module running (the probe's module map), asked only when an error is recorded.
+    running_module: Callable[[], str | None] = lambda: None
+
+    def where(self) -> dict[str, str | None]:
+        """An ``oom`` record's ``module`` and ``module_pass``: which module ran, in which pass, when it failed.
+
+        The optimizer step runs no module (its pass alone is named); loading and generation have no pass."""
+        module_pass = MODULE_PASS.get(self.phase)
+        module = self.running_module() if module_pass in ("forward", "backward") else None
+        return {"module": module, "module_pass": module_pass}
+
+
+# The job's cursor -> an ``oom`` record's ``module_pass``.
+MODULE_PASS = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer"}
 
 
 def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -210,6 +224,7 @@ def run_train(
     probe: PhaseProbe | NullProbe
     if cfg["runtime"]["probes"]:
         cuda_dev = loaded.device.index if loaded.device.type == "cuda" else None
+        per_module = {"module_depth": cfg["runtime"]["module_depth"], "module_every": cfg["runtime"]["module_every"]}
         if zero_opt is not None:
             probe = PhaseProbe(
                 model,
@@ -221,11 +236,15 @@ def run_train(
                 extra_grads=lambda: zero_offload.grad_tensors(zero_opt),
                 optim_state=lambda: zero_offload.optim_tensors(zero_opt),
                 host_split=True,
+                **per_module,
             )
         else:
-            probe = PhaseProbe(model, emit, optimizer=optimizer, rank=dist.rank, cuda=cuda, cuda_device=cuda_dev)
+            probe = PhaseProbe(
+                model, emit, optimizer=optimizer, rank=dist.rank, cuda=cuda, cuda_device=cuda_dev, **per_module
+            )
         if t["act_ckpt"]:
             track_checkpoint_inputs(model, probe.saved)
+        cursor.running_module = probe.running_module
     else:
         probe = NullProbe()
     if dist.writes_run and not cfg["data"]["image_placeholders"] and loaded.family.startswith("blip2"):
