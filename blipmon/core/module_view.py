@@ -290,6 +290,7 @@ class ModuleDiff:
     path: str
     depth: int
     rows: tuple[ModuleRow | None, ...]
+    name: str = ""  # its name below its parent (``model.decoder`` under ``language_model``), as trees show it
 
     @property
     def label(self) -> str:
@@ -352,7 +353,7 @@ def compare_modules(per_run: Sequence[Sequence[ModuleRow]]) -> list[ModuleDiff]:
     out: list[ModuleDiff] = []
 
     def visit(p: str) -> None:
-        out.append(ModuleDiff(p, deep[p], tuple(m.get(p) for m in maps)))
+        out.append(ModuleDiff(p, deep[p], tuple(m.get(p) for m in maps), _label(p, up[p])))
         for c in sorted(kids.get(p, ()), key=lambda c: (-size[c], c)):
             visit(c)
 

@@ -486,7 +486,7 @@ def _oom_module_lines(run: RunData) -> list[str]:
     return out
 
 
-def _changes(d: ModuleDiff, n_runs: int) -> str:
+def module_changes(d: ModuleDiff, n_runs: int) -> str:
     """What differs from run 1, per category: ``acts −12.00 MiB, grads +1.00 KiB`` (run numbers for 3+ runs)."""
     if d.only_in:
         runs = ", ".join(str(i + 1) for i in d.only_in)
@@ -557,7 +557,7 @@ def render_module_compare(runs: list[RunData], fmt: str = "table") -> str:
         for i in range(len(runs)):
             v = d.value(i, "total")
             cells.append(one_line(_fmt(v, "bytes") + (_delta(v, d.value(0, "total"), "bytes") if i else "")))
-        cells.append(_changes(d, len(runs)))
+        cells.append(module_changes(d, len(runs)))
         table.append(cells)
     if fmt == "markdown":
         lines = [
@@ -578,6 +578,7 @@ __all__ = [
     "compare_rows",
     "median_seconds",
     "median_step_seconds",
+    "module_changes",
     "module_compare_json",
     "module_table",
     "phase_order",

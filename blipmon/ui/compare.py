@@ -2,7 +2,9 @@
 
 The table is ``report.compare_rows`` — the very rows ``blipmon compare`` prints — with the best
 value of each row starred and deltas against the first run. Below it, each run's memory at its
-peak phase as a stacked bar, and the runs' timelines overlaid, aligned by time or by step.
+peak phase as a stacked bar; where the runs recorded per-module figures (issue 12), each module's total in every
+run with what changed against the first run, per category (the figures of ``blipmon compare --modules``); and
+the runs' timelines overlaid, aligned by time or by step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from textual.widgets import DataTable, Footer, Static
 
 from blipmon.core import timeline as tl
 from blipmon.core.errors import ProfileError
-from blipmon.core.report import compare_rows
+from blipmon.core.module_view import Boundary, ModuleDiff, run_module_diffs
+from blipmon.core.report import compare_rows, module_changes
 from blipmon.core.run import RunData, load_run
 from blipmon.core.safe_text import one_line
 from blipmon.core.units import fmt_bytes
@@ -167,6 +170,54 @@ class CompareBars(LinesWidget):
         return bar_lines(self.runs, width)[:height]
 
 
+def module_diff_lines(
+    runs: list[RunData], bounds: list[Boundary | None], diffs: list[ModuleDiff], width: int
+) -> list[Strip]:
+    """Per module (tree order, indented): each run's total in its colour, then what changed against run 1 per
+    category (``acts −700.00 KiB``); unchanged modules dimmed. Pure, for tests."""
+    if bounds and bounds[0] is not None and all(b == bounds[0] for b in bounds):
+        where = f"{bounds[0].label()} in every run"
+    else:
+        where = " · ".join(f"{i + 1}. {b.label() if b else 'none'}" for i, b in enumerate(bounds))
+    rows = [strip([("per module  ", theme.BOLD), (f"at {where}; changes against run 1", theme.DIM)], width)]
+    name_w = min(max((2 * d.depth + len(d.name) for d in diffs), default=8) + 2, max(width // 3, 16))
+    col_w = 12
+    for d in diffs:
+        dim = not d.changed
+        name = "  " * d.depth + d.name
+        name = name if len(name) < name_w else name[: name_w - 2] + "…"
+        parts: list[tuple[str, Style | None]] = [(f"{name:<{name_w}}", theme.DIM if dim else None)]
+        for i in range(len(runs)):
+            v = d.value(i, "total")
+            color = theme.RUN_COLORS[i % len(theme.RUN_COLORS)]
+            parts.append((f"{fmt_bytes(v) if v is not None else '—':>{col_w - 1}} ", Style(color=color, dim=dim)))
+        parts.append((" " + module_changes(d, len(runs)), theme.DIM if dim else theme.BOLD))
+        rows.append(strip(parts, width))
+    return rows
+
+
+class CompareModules(LinesWidget):
+    """The per-module differences; hidden when no run recorded per-module figures."""
+
+    DEFAULT_CSS = "CompareModules { height: auto; }"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.runs: list[RunData] = []
+        self.bounds: list[Boundary | None] = []
+        self.diffs: list[ModuleDiff] = []
+
+    def show(self, runs: list[RunData]) -> None:
+        self.runs = runs
+        self.bounds, self.diffs = run_module_diffs(runs)
+        self.display = bool(self.diffs)
+        self.styles.height = len(self.diffs) + 1
+        self.set_data(tuple(id(r) for r in runs))
+
+    def build(self, width: int, height: int) -> list[Strip]:
+        return module_diff_lines(self.runs, self.bounds, self.diffs, width)[:height]
+
+
 class CompareTimeline(LinesWidget):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -214,6 +265,7 @@ class CompareScreen(Screen[Any]):
         with VerticalScroll(id="compare-body"):
             yield DataTable(id="compare-table", zebra_stripes=True, cursor_type="row")
             yield CompareBars(id="compare-bars")
+            yield CompareModules(id="compare-modules")
             yield CompareTimeline(id="compare-timeline")
         yield Footer()
 
@@ -253,6 +305,7 @@ class CompareScreen(Screen[Any]):
         for cells in table_cells(runs):
             table.add_row(*cells)
         self.query_one(CompareBars).show(runs)
+        self.query_one(CompareModules).show(runs)
         self._update()
 
     def _update(self) -> None:
