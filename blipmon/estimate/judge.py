@@ -163,10 +163,15 @@ def gpu_intended(cfg: dict[str, Any]) -> bool:
     return True
 
 
-def _no_local_gpu() -> bool:
+def gpu_here() -> bool:
+    """Whether this machine has a GPU, by the estimator's one rule: ``auto`` means the GPU when one is visible."""
     from blipmon.estimate import timeline
 
-    return timeline._local_gpu_bytes() is None  # noqa: SLF001 - one definition of "a GPU here" (tests hide it)
+    return timeline.target_device({"model": {"device_map": "auto"}}, None, None) == "cuda"
+
+
+def _no_local_gpu() -> bool:
+    return not gpu_here()
 
 
 def choose_gpu(cfg: dict[str, Any], gpu_memory: int | None) -> tuple[str | None, int | None, str | None]:

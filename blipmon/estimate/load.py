@@ -103,18 +103,30 @@ class Tensor:
 
     def nbytes(self, dtype: str, quantization: str) -> int:
         """Bytes as ``from_pretrained(dtype=..., quantization_config=...)`` stores it (``catalog.param_bytes``' rule)."""
-        from blipmon.architectures import catalog
 
         if self.buffer or not self.floating:
             return self.numel * self.itemsize
         if quantization != "none" and self.quant_shape is not None:
-            return catalog._quantized_linear_bytes(*self.quant_shape, quantization.split("-")[0], False)  # noqa: SLF001
+            return quantized_linear_bytes(*self.quant_shape, quantization)
         if (self.keep_fp32 and dtype == "float16") or (self.keep_fp32_strict and dtype in ("float16", "bfloat16")):
             return 4 * self.numel
         return _ITEMSIZE[dtype] * self.numel
 
     def top(self) -> str:
         return self.name.split(".", 1)[0]
+
+
+def quantized_linear_bytes(out_f: int, in_f: int, quantization: str) -> int:
+    """A bitsandbytes Linear's weight with its state, as stored (no double quantization, as blipmon loads):
+    8-bit, int8 weights and one fp32 scale per output row; 4-bit, two weights per byte, one fp32 absmax per block
+    of ``catalog.BNB_4BIT_BLOCKSIZE`` and the 16-entry fp32 code (``catalog.param_bytes`` counts the same)."""
+    from blipmon.architectures import catalog
+
+    n = out_f * in_f
+    if quantization == "8bit":
+        return n + 4 * out_f
+    blocks = -(-n // catalog.BNB_4BIT_BLOCKSIZE)
+    return (n + 1) // 2 + 4 * blocks + 4 * catalog.BNB_4BIT_CODE_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -168,11 +180,15 @@ def model_tensors(model_id: str, untie: bool = True) -> Model:
         raise ConfigError(f"model.id = {model_id!r}: {e}") from None
     if getattr(config, "model_type", "") == "blip-2" and getattr(config, "image_token_index", None) is None:
         config.image_token_index = int(config.text_config.vocab_size) - 1  # as the runner does (mBLIP)
-    model = catalog._build_meta(config)  # noqa: SLF001 - the catalog's one meta build
-    not_convert = catalog._modules_to_not_convert(model, None)  # noqa: SLF001
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = catalog.meta_model(config)  # a config object: built tied, as from_pretrained builds it
+    # Which Linear layers bitsandbytes replaces is decided on the tied model, by transformers' own helpers.
+    not_convert = HfQuantizer.get_modules_to_not_convert(model, None, list(model._keep_in_fp32_modules or []))
     quantized: dict[int, tuple[int, int]] = {}
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and catalog._should_convert(name, not_convert):  # noqa: SLF001
+        if type(module) is nn.Linear and should_convert_module(name, not_convert):
             quantized[id(module.weight)] = (int(module.out_features), int(module.in_features))
     if raw is not None and untie:
         catalog.untie_like_checkpoint(model, raw)
@@ -489,9 +505,19 @@ def _auto_map(cfg: dict[str, Any], model: Model, gpus: list[int], gpu_cap: int, 
 
     quantizer = None
     if spec.quantization != "none":
+        from transformers import BitsAndBytesConfig
         from transformers.quantizers import AutoHfQuantizer
 
-        quantizer = AutoHfQuantizer.from_config(build._bnb_config(spec), pre_quantized=False)  # noqa: SLF001
+        if spec.quantization == "8bit":
+            bnb = BitsAndBytesConfig(load_in_8bit=True)
+        else:  # as runner.models.load_model configures 4-bit
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=spec.quantization.split("-")[1],
+                bnb_4bit_compute_dtype=torch.bfloat16 if spec.dtype == torch.bfloat16 else torch.float32,
+                bnb_4bit_use_double_quant=False,
+            )
+        quantizer = AutoHfQuantizer.from_config(bnb, pre_quantized=False)
     max_memory: dict[Any, int] = {i: gpu_cap for i in gpus}
     max_memory["cpu"] = int(host_cap * AUTO_HOST_SHARE)
     if quantizer is not None:
@@ -829,13 +855,16 @@ def judge_load(cfg: dict[str, Any], *, gpu_memory: int | None, host_memory: int 
 
     device, capacity, source = judge_mod.choose_gpu(cfg, gpu_memory)
     dm = cfg["model"]["device_map"]
-    local_total = timeline._local_gpu_bytes()  # noqa: SLF001 - one definition of "a GPU here"
+    here = judge_mod.gpu_here()
     local = None
     gpus = 0
-    if dm != "cpu" and (capacity is not None or local_total is not None):
+    if dm != "cpu" and (capacity is not None or here):
         gpus = 1
-    if dm != "cpu" and capacity is None and local_total is not None:
-        capacity, source, local = _local_capacity()
+    if dm != "cpu" and capacity is None and here:
+        from blipmon.estimate.gpu import local_gpu
+
+        capacity, source = timeline.capacity("cuda", None)  # the local GPU's free memory, as for training
+        local = local_gpu(0)
     import psutil
 
     avail = int(psutil.virtual_memory().available)
@@ -861,9 +890,3 @@ def judge_load(cfg: dict[str, Any], *, gpu_memory: int | None, host_memory: int 
     return judge_mod.conclude(
         est, judged, "cuda" if est.main != "cpu" else "cpu", gpu_memory, host_memory, t0, est.notes
     )
-
-
-def _local_capacity() -> tuple[int, str, Any]:
-    from blipmon.estimate import timeline
-
-    return timeline._capacity("cuda", None)  # noqa: SLF001 - the local GPU's free memory, as the training verdict

@@ -143,3 +143,15 @@ def test_eight_bit_with_modules_on_the_host_cannot_load() -> None:
     cfg = resolve("load/mblip-8bit", ['model.device_map={language_model = 0, "" = "cpu"}'])
     j = judge(cfg, gpu_memory=80 * GIB)
     assert j.verdict == "oom" and "llm_int8_enable_fp32_cpu_offload" in " ".join(j.estimate.notes)
+
+
+@pytest.mark.parametrize("model_id", [OPT, "Gregor/mblip-mt0-xl"])
+@pytest.mark.parametrize(("dtype", "quant"), [("float16", "none"), ("bfloat16", "8bit"), ("float32", "4bit-nf4")])
+def test_per_tensor_bytes_add_up_to_the_catalogs_per_module_bytes(model_id: str, dtype: str, quant: str) -> None:
+    """The per-name table a device map needs sums, per top-level module, to ``catalog.param_bytes``."""
+    model = load.model_tensors(model_id)
+    mine: dict[str, int] = {}
+    for t in model.tensors:
+        if not t.buffer and t.floating:
+            mine[t.top()] = mine.get(t.top(), 0) + t.nbytes(dtype, quant)
+    assert mine == catalog.param_bytes(model_id, dtype, quant, by_module=True)
