@@ -8,6 +8,11 @@ sequence in a name cannot retitle or clear the terminal ``show`` prints to. JSON
 The comparison is computed once as rows of raw numbers (``compare_rows``) and only then rendered as
 a terminal table, markdown, CSV or JSON, so every format — and the dashboard's compare screen —
 shows the same figures.
+
+The per-module tables (``show --modules``, ``compare --modules``, the modules under an out-of-memory outcome;
+figures from ``core/module_view.py``) are here too. Why one module over ~500 lines: they are the same two
+commands' text in the same four formats, built with the same cell formatting, deltas and alignment; apart,
+``show`` and ``show --modules`` would drift in how they print a byte count or a change.
 """
 
 from __future__ import annotations
