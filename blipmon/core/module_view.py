@@ -380,7 +380,7 @@ def rows_seen(rows: Sequence[ModuleRow], phases: Sequence[Mapping[str, Any]], n_
     found by bisection (a replay asks on every frame; a long run holds tens of thousands of rows).
     """
     last: dict[int, tuple[int, int, int]] = {}
-    ranks = {r.rank for r in rows[-64:]} | {rows[0].rank} if rows else set()
+    ranks = ({r.rank for r in rows[-64:]} | {rows[0].rank}) if rows else set()
     for i in range(n_phases - 1, max(n_phases - 1 - 64 * max(len(ranks), 1), -1), -1):
         p = phases[i]
         rank = p.get("rank") or 0
