@@ -122,14 +122,32 @@ def test_run_notes_come_first_in_the_log_pane(gpu_run: Path) -> None:
 
 def test_without_a_gpu_the_launcher_judges_against_the_labs_card_as_torch_reports_it() -> None:
     """An "80 GB" H100 holds 79.11 GiB: a verdict against 80 GiB would pass configurations the lab's card fails."""
-    from types import SimpleNamespace
+    from blipmon.core.config import resolve
+    from blipmon.ui.widgets.estimate import LAB_CARD, estimate_lines
 
-    from blipmon.ui.widgets.estimate import LAB_CARD, describe
-
-    data = {"gpu_memory_bytes": LAB_CARD, "peak_bytes": 79 * 2**30, "peak_phase": "after_bwd", "verdict": "oom"}
-    where = "step 1 after_bwd (backward), short by 520.00 MiB there"
-    est = SimpleNamespace(to_json=lambda: {**data, "seconds": 7.0}, peak_step=1, runs_out_text=lambda: where)
-    text = describe(est, assumed_card=True)
     assert LAB_CARD < 80 * 2**30
-    assert "OUT OF MEMORY at step 1 after_bwd (backward)" in text  # where it would run out, before the run
-    assert "an 80 GB card, 79.11 GiB (no GPU here)" in text
+    text = estimate_lines(resolve("tiny/blip2-opt", ["model.device_map=cuda"]))
+    assert text.startswith("estimate: FITS — peak "), text
+    assert "\n" not in text  # a training run on one GPU: one line
+    assert "on cuda:0 against an 80 GB card, 79.11 GiB (no GPU here)" in text
+
+
+def test_the_launcher_judges_as_blipmon_estimate_does_with_every_device_of_a_load() -> None:
+    """A load job is estimated too (issue 13), each device on its own line, as ``blipmon estimate`` prints it."""
+    from blipmon.core.config import resolve
+    from blipmon.estimate.judge import judge
+    from blipmon.ui.widgets.estimate import LAB_CARD, estimate_lines
+
+    cfg = resolve("load/split-language-model", [])
+    text = estimate_lines(cfg)
+    expected = judge(cfg, gpu_memory=LAB_CARD)
+    assert text.splitlines()[1:] == [f"  {line}" for line in expected.device_lines()]
+    assert [line.split()[1] for line in text.splitlines()[1:]] == ["cuda:0", "cpu"]
+
+
+def test_an_estimate_that_fails_is_one_line_never_an_exception() -> None:
+    from blipmon.core.config import resolve
+    from blipmon.ui.widgets.estimate import estimate_lines
+
+    text = estimate_lines(resolve("tiny/blip2-opt", ["model.id=/nonexistent/model"]))
+    assert text.startswith("estimate: not available (") and "\n" not in text, text
