@@ -19,6 +19,7 @@ any judged device is over; the *limiting* device is the judged one with the leas
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,12 @@ from typing import Any
 from blipmon.core.config import ConfigError
 
 LOAD_KINDS = ("load", "generate")
+
+# One estimate at a time in a process. Building a model without weights patches ``nn.Module`` process-wide (the
+# empty-weight contexts) and transformers' lazy imports are not safe to race: two estimates in two threads (the
+# launcher's panel and its fit view, a worker left from a closed screen) were seen to count a parameter twice and
+# to fail with "cannot import name 'Blip2Config'". Re-entrant: a caller holding it (``fit``) may judge inside.
+ESTIMATE_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -203,11 +210,12 @@ def judge(cfg: dict[str, Any], *, gpu_memory: int | None = None, host_memory: in
         if v is not None and v <= 0:
             raise ConfigError(f"{flag} {v}: expected a positive number of bytes")
     cfg = config_mod.validate(cfg)
-    if cfg["job"]["kind"] in LOAD_KINDS:
-        from blipmon.estimate.load import judge_load
+    with ESTIMATE_LOCK:
+        if cfg["job"]["kind"] in LOAD_KINDS:
+            from blipmon.estimate.load import judge_load
 
-        return judge_load(cfg, gpu_memory=gpu_memory, host_memory=host_memory, t0=t0)
-    return _judge_train(cfg, gpu_memory, host_memory, t0)
+            return judge_load(cfg, gpu_memory=gpu_memory, host_memory=host_memory, t0=t0)
+        return _judge_train(cfg, gpu_memory, host_memory, t0)
 
 
 def _train_gpu(cfg: dict[str, Any]) -> str:
