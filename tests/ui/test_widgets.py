@@ -151,3 +151,17 @@ def test_an_estimate_that_fails_is_one_line_never_an_exception() -> None:
 
     text = estimate_lines(resolve("tiny/blip2-opt", ["model.id=/nonexistent/model"]))
     assert text.startswith("estimate: not available (") and "\n" not in text, text
+
+
+def test_the_oom_banner_names_the_module_that_was_running(gpu_run: Path, clock: FrozenClock) -> None:
+    """Issue 12 item 3: the module and its pass beside step and phase, where the run recorded them."""
+    src = ReplaySource(gpu_run, clock=clock, background=False)
+    src.seek_fraction(1.0)
+    snap = src.poll()
+    oom = {**snap.oom, "module": "language_model.model.decoder.layers.1", "module_pass": "backward"}
+    named = Snapshot(**{**snap.__dict__, "oom": oom})
+    assert banner_text(named) == (
+        "OUT OF MEMORY at step 4, phase after_fwd, trying to allocate 20.00 GiB, "
+        "in language_model.model.decoder.layers.1 (backward)"
+    )
+    src.close()

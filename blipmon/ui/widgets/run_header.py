@@ -13,6 +13,7 @@ from rich.text import Text
 from textual.strip import Strip
 
 from blipmon.core import timeline as tl
+from blipmon.core.module_view import oom_text
 from blipmon.core.ranks import RankView
 from blipmon.core.safe_text import printable
 from blipmon.core.snapshot import Snapshot
@@ -136,7 +137,10 @@ def banner_text(snap: Snapshot) -> str | None:
         req = o.get("requested_bytes")
         size = f", trying to allocate {fmt_bytes(req)}" if req else ""
         micro = f" (micro-step {o.get('micro_step')})" if o.get("micro_step") else ""
-        return f"OUT OF MEMORY at step {o.get('step')}{micro}, phase {o.get('phase')}{size}"
+        where = oom_text(o)  # the module running when it failed, where the run recorded it (issue 12)
+        return f"OUT OF MEMORY at step {o.get('step')}{micro}, phase {o.get('phase')}{size}" + (
+            f", {where}" if where else ""
+        )
     if snap.status == "error" and snap.error:
         return "FAILED: " + str(snap.error.get("message", ""))[:300]
     if snap.problem:
