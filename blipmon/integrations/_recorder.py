@@ -41,6 +41,9 @@ from blipmon.core.outcomes import run_exit_code
 from blipmon.core.profile import FORMAT_VERSION, EventWriter, write_config
 
 PHASE_INDEX = {"before_fwd": 0, "after_fwd": 1, "after_bwd": 2, "after_opt_step": 3}
+# Per-module memory (issue 12): as ``blipmon run`` records it by default (core/schema.py).
+MODULE_DEPTH = 2
+MODULE_EVERY = 10
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-/ ]+")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -63,16 +66,39 @@ class CallbackOptions:
     """The options both callbacks take, checked the same way (each subclasses its framework's callback too)."""
 
     def _set_options(
-        self, out: str | os.PathLike[str] | None, name: str | None, sample_hz: float, print_phases: bool
+        self,
+        out: str | os.PathLike[str] | None,
+        name: str | None,
+        sample_hz: float,
+        print_phases: bool,
+        module_depth: int = MODULE_DEPTH,
+        module_every: int = MODULE_EVERY,
     ) -> None:
         if not sample_hz > 0:
             raise ValueError(f"sample_hz = {sample_hz!r}: expected a number > 0")
+        check_module_options(module_depth, module_every)
+        self.module_depth = module_depth
+        self.module_every = module_every
         self.out = out
         self.name = name
         self.sample_hz = sample_hz
         self.print_phases = print_phases
         self.recorder: Recorder | None = None
         self.run_dir: Path | None = None
+
+    def runtime_options(self) -> dict[str, Any]:
+        """The configuration's ``runtime`` keys these options set (besides the sampling rate)."""
+        return {"module_depth": self.module_depth, "module_every": self.module_every}
+
+
+def check_module_options(depth: int, every: int) -> None:
+    """``module_depth``/``module_every`` as ``runtime.module_depth``/``runtime.module_every`` allow them."""
+    from blipmon.core.schema import SCHEMA
+
+    for key, value in (("runtime.module_depth", depth), ("runtime.module_every", every)):
+        f = SCHEMA[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not f.minimum <= value <= f.maximum:
+            raise ValueError(f"{key.split('.')[1]} = {value!r}: expected an integer in [{f.minimum}, {f.maximum}]")
 
 
 def safe_name(text: str) -> str:
@@ -117,7 +143,16 @@ def unwrap_optimizer(opt: Any) -> Any:
 
 
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+    """Out of memory by the child's rule (``runner.child._record_failure``): torch's and Python's errors, a message
+    saying so, or one naming a size it tried to allocate (the CPU allocator raises a plain RuntimeError)."""
+    from blipmon.core.units import requested_bytes_from_message
+
+    text = str(e)
+    return (
+        isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in text.lower()
+        or requested_bytes_from_message(text) is not None
+    )
 
 
 def optim_name(optimizer: Any) -> str:
@@ -155,7 +190,9 @@ def model_id(model: Any) -> str:
     return type(model).__name__
 
 
-def build_config(name: str, description: str, model: Any, train: dict[str, Any], hz: float) -> dict[str, Any]:
+def build_config(
+    name: str, description: str, model: Any, train: dict[str, Any], hz: float, runtime: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A configuration in blipmon's schema describing the run as well as it can be said from outside.
 
     It is validated like a user's file, so anything that reads saved runs' configurations (the
@@ -172,7 +209,7 @@ def build_config(name: str, description: str, model: Any, train: dict[str, Any],
         "model": {"id": model_id(model)[:500], "weights": "pretrained", "device_map": device},
         "job": {"kind": "train"},
         "train": train,
-        "runtime": {"sample_hz": hz},
+        "runtime": {"sample_hz": hz, **(runtime or {})},
     }
     try:
         return config_mod.validate(raw)
@@ -184,10 +221,20 @@ class Recorder:
     """Writes one run directory: header, config, environment, plan, samples, phases, steps, end."""
 
     def __init__(
-        self, out: str | os.PathLike[str] | None, *, sample_hz: float, print_phases: bool, source: str
+        self,
+        out: str | os.PathLike[str] | None,
+        *,
+        sample_hz: float,
+        print_phases: bool,
+        source: str,
+        module_depth: int = MODULE_DEPTH,
+        module_every: int = MODULE_EVERY,
     ) -> None:
         if not sample_hz > 0:
             raise ValueError(f"sample_hz = {sample_hz!r}: expected a number > 0")
+        check_module_options(module_depth, module_every)
+        self.module_depth = module_depth
+        self.module_every = module_every
         self.out = Path(out) if out is not None else None
         self.sample_hz = float(sample_hz)
         self.print_phases = print_phases
@@ -293,7 +340,14 @@ class Recorder:
         )
         cuda_dev = _cuda_index(device, model) if cuda else None
         self.probe = PhaseProbe(
-            model, emit, optimizer=unwrap_optimizer(optimizer), rank=rank, cuda=cuda, cuda_device=cuda_dev
+            model,
+            emit,
+            optimizer=unwrap_optimizer(optimizer),
+            rank=rank,
+            cuda=cuda,
+            cuda_device=cuda_dev,
+            module_depth=self.module_depth,
+            module_every=self.module_every,
         )
         # Activation checkpointing keeps each checkpointed layer's inputs instead of its saved tensors:
         # count those, as ``blipmon run`` does (a no-op for a model without checkpointing).
@@ -380,12 +434,20 @@ class Recorder:
 
                 # Summed over every GPU the model occupies, each GPU's own under "devices" when several.
                 state = read(self.probe.devices).as_record()
+            module_pass = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer"}.get(
+                self.cursor_phase
+            )
+            module = None
+            if module_pass in ("forward", "backward") and self.probe is not None:
+                module = self.probe.running_module()
             emit(
                 "oom",
                 step=self.step,
                 micro_step=self.micro,
                 phase=self.cursor_phase,
                 message=message[:2000],
+                module=module,
+                module_pass=module_pass,
                 **oom_fields(exc, OOM_OBSERVER if self.probe is not None and self.probe.cuda else None),
                 **state,
             )
@@ -573,6 +635,8 @@ def script_name() -> str:
 
 
 __all__ = [
+    "MODULE_DEPTH",
+    "MODULE_EVERY",
     "Recorder",
     "batch_size_of",
     "build_config",

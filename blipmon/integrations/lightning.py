@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from blipmon.core.layout import PROFILES
 from blipmon.integrations._recorder import (
+    MODULE_DEPTH,
+    MODULE_EVERY,
     CallbackOptions,
     Recorder,
     batch_size_of,
@@ -62,7 +64,8 @@ class BlipmonCallback(pl.Callback, CallbackOptions):
     """Record a Lightning ``fit()`` as a blipmon profile under ``out`` (``./profiles`` by default).
 
     ``name`` names the run (default ``lightning/<LightningModule class>``); ``sample_hz`` is the
-    timeline's rate; ``print_phases`` prints the lab script's lines (``_phase0_before_fwd`` ...) for
+    timeline's rate (``module_depth``/``module_every``: per-module memory, as ``runtime.module_depth``/``module_every``
+    say for ``blipmon run``); ``print_phases`` prints the lab script's lines (``_phase0_before_fwd`` ...) for
     steps 0, 1 and every 50th. After ``fit()``, ``run_dir`` is the profile's directory.
     """
 
@@ -73,8 +76,10 @@ class BlipmonCallback(pl.Callback, CallbackOptions):
         name: str | None = None,
         sample_hz: float = 10.0,
         print_phases: bool = False,
+        module_depth: int = MODULE_DEPTH,
+        module_every: int = MODULE_EVERY,
     ) -> None:
-        self._set_options(out, name, sample_hz, print_phases)
+        self._set_options(out, name, sample_hz, print_phases, module_depth, module_every)
         self._step_at_start = 0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -118,12 +123,19 @@ class BlipmonCallback(pl.Callback, CallbackOptions):
             f"({model_id(pl_module)}), {type(optimizer).__name__ if optimizer is not None else 'no optimizer'}, "
             f"precision {raw_precision}, accumulate {acc}"
         )
-        rec = Recorder(self.out, sample_hz=self.sample_hz, print_phases=self.print_phases, source="lightning.Trainer")
+        rec = Recorder(
+            self.out,
+            sample_hz=self.sample_hz,
+            print_phases=self.print_phases,
+            module_depth=self.module_depth,
+            module_every=self.module_every,
+            source="lightning.Trainer",
+        )
         self.run_dir = rec.start(
             name=name,
             model=pl_module,
             optimizer=optimizer,
-            config=build_config(name, description, pl_module, train, self.sample_hz),
+            config=build_config(name, description, pl_module, train, self.sample_hz, self.runtime_options()),
             plan={"total_steps": total, "micro_per_step": acc, "batch_size": batch_size or None},
             integration={
                 "framework": "lightning",

@@ -42,6 +42,8 @@ from transformers import TrainerCallback
 
 from blipmon.core.layout import PROFILES
 from blipmon.integrations._recorder import (
+    MODULE_DEPTH,
+    MODULE_EVERY,
     CallbackOptions,
     Recorder,
     batch_size_of,
@@ -59,7 +61,9 @@ from blipmon.integrations._recorder import (
 class BlipmonCallback(TrainerCallback, CallbackOptions):
     """Record a ``transformers.Trainer`` run as a blipmon profile under ``out`` (``./profiles`` by default).
 
-    ``name`` names the run (default ``trainer/<model>``); ``sample_hz`` is the timeline's rate;
+    ``name`` names the run (default ``trainer/<model>``); ``sample_hz`` is the timeline's rate
+    (``module_depth``/``module_every``: per-module memory, as ``runtime.module_depth``/``module_every`` say for
+    ``blipmon run``);
     ``print_phases`` prints the lab script's per-phase lines (``_phase0_before_fwd`` ...) for steps
     0, 1 and every 50th. After training, ``run_dir`` is the profile's directory.
     """
@@ -71,8 +75,10 @@ class BlipmonCallback(TrainerCallback, CallbackOptions):
         name: str | None = None,
         sample_hz: float = 10.0,
         print_phases: bool = False,
+        module_depth: int = MODULE_DEPTH,
+        module_every: int = MODULE_EVERY,
     ) -> None:
-        self._set_options(out, name, sample_hz, print_phases)
+        self._set_options(out, name, sample_hz, print_phases, module_depth, module_every)
         self._handles: list[Any] = []
         self._depth = 0
         self._loss_part_of_step = False
@@ -120,7 +126,12 @@ class BlipmonCallback(TrainerCallback, CallbackOptions):
             f" ({optim_arg}), batch {args.per_device_train_batch_size} x accumulate {args.gradient_accumulation_steps}"
         )
         rec = Recorder(
-            self.out, sample_hz=self.sample_hz, print_phases=self.print_phases, source="transformers.Trainer"
+            self.out,
+            sample_hz=self.sample_hz,
+            print_phases=self.print_phases,
+            module_depth=self.module_depth,
+            module_every=self.module_every,
+            source="transformers.Trainer",
         )
         plan: dict[str, Any] = {
             "total_steps": int(state.max_steps) if state.max_steps else None,
@@ -133,7 +144,7 @@ class BlipmonCallback(TrainerCallback, CallbackOptions):
             name=name,
             model=model,
             optimizer=optimizer,
-            config=build_config(name, description, model, train, self.sample_hz),
+            config=build_config(name, description, model, train, self.sample_hz, self.runtime_options()),
             plan=plan,
             integration={
                 "framework": "transformers",

@@ -329,14 +329,30 @@ class CountingSavedTensorTracker(SavedTensorTracker):
                 self.failure = f"cannot read the storage of a saved {type(t).__name__} ({type(e).__name__}: {e})"
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # ``_add`` and ``_key`` inlined: this runs for every tensor saved in every forward (a Python call and a
+        # tuple less per tensor is a tenth of the hook's time).
         alias = t.detach()
         where = self.where
-        self._add(alias, 0 if where is None else where.current)
+        try:
+            st = alias.untyped_storage()
+            dev = alias.get_device()
+            self._entries.append(
+                (
+                    weakref.ref(alias),
+                    (dev, st.data_ptr()),
+                    st.nbytes(),
+                    dev >= 0,
+                    -1 if where is None else where.current,
+                )
+            )
+        except Exception as e:  # noqa: BLE001 - reported at the boundary, never inside the forward
+            if self.failure is None:
+                self.failure = f"cannot read the storage of a saved {type(t).__name__} ({type(e).__name__}: {e})"
         return alias
 
     def note(self, t: torch.Tensor, module: Any = None) -> None:
         where = self.where
-        self._add(t, 0 if where is None else where.slot_of(module))
+        self._add(t, -1 if where is None else where.slot_of(module))
 
     def alive(self) -> Iterator[torch.Tensor]:
         for r, *_ in self._entries:
@@ -438,20 +454,29 @@ class ModuleMap:
         # One level below the tree too, under its parent's slot: a model may call a grandchild directly
         # (``OPTForCausalLM`` runs ``self.model.decoder``, never ``self.model``), and its work is still its
         # ancestor's.
+        # After two forwards, ``prune`` removes those that only ever ran inside their tree parent (most of them).
+        self._frontier: dict[int, list[Any]] = {}
+        self._skipping: set[int] = set()  # frontier modules seen running outside their tree parent
         for n, m in named:
             if n and n.count(".") == depth:
-                self._hook(m, self._module_slot[id(m)], hooked)
+                start = len(self._handles)
+                self._hook(m, self._module_slot[id(m)], hooked, frontier=True)
+                self._frontier[id(m)] = self._handles[start:]
+        self._forwards = 0
         self._on_backward = [self._backward_setter(i) for i in range(len(self.names))]
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def _hook(self, module: Any, slot: int, hooked: set[int]) -> None:
+    def _hook(self, module: Any, slot: int, hooked: set[int], *, frontier: bool = False) -> None:
         if id(module) in hooked:
             return
         hooked.add(id(module))
+        key = id(module)
 
         def enter(_m: Any, _args: Any) -> None:
+            if frontier and self.current != slot:
+                self._skipping.add(key)
             self._stack.append(self.current)
             self.current = slot
 
@@ -492,11 +517,25 @@ class ModuleMap:
         """The slot of ``module`` (an activation-checkpointed layer), or the running module's for an unknown one."""
         return self._module_slot.get(id(module), self.current) if module is not None else self.current
 
-    def reset(self) -> None:
-        """At a boundary: nothing runs between passes (an exception may have left the stack unwound)."""
+    def reset(self, after_forward: bool = False) -> None:
+        """At a boundary: nothing runs between passes (an exception may have left the stack unwound).
+
+        After the second forward, the hooks one level below the tree that were never needed go."""
         self.current = -1
         self._stack.clear()
         self._claimed.clear()
+        if after_forward:
+            self._forwards += 1
+            if self._forwards == 2:
+                self.prune()
+
+    def prune(self) -> None:
+        """Remove the hooks of the modules below the tree that always ran inside their tree parent's forward."""
+        for key, handles in list(self._frontier.items()):
+            if key not in self._skipping:
+                for h in handles:
+                    h.remove()
+                del self._frontier[key]
 
     def running(self) -> str | None:
         """The innermost module running (its tree path), None outside every module."""
@@ -648,6 +687,7 @@ class PhaseProbe:
         self.modules: ModuleMap | None = ModuleMap(model, module_depth) if module_depth > 0 else None
         self.saved.where = self.modules
         self._tree_sent: list[str] | None = None
+        self._split = False  # set by ``boundary`` for a boundary recorded in full
         self._params_own: list[int] = []
         self._optim_own: list[int] | None = None
         self._params: list[torch.nn.Parameter] = []
@@ -752,12 +792,13 @@ class PhaseProbe:
         if self.cuda:
             allocator.reset_peaks(self.devices, reset=self._reset)
 
-    def measure(self, split: bool = False) -> dict[str, Any]:
-        """The four categories and the allocator's figures now; with ``split`` (a module map), also each module's
-        own bytes per category under ``"_own"`` (not written: ``boundary`` turns them into a ``modules`` record)."""
+    def measure(self, split: bool | None = None) -> dict[str, Any]:
+        """The four categories and the allocator's figures now; with ``split`` (default: whether ``boundary``
+        records this step in full) and a module map, also each module's own bytes per category under ``"_own"``
+        (not written: ``boundary`` turns them into a ``modules`` record)."""
         count = self._counter.count
         own: dict[str, list[int]] | None = None
-        mm = self.modules if split else None
+        mm = self.modules if (self._split if split is None else split) else None
         if mm is not None:
             n = len(mm) + 1  # the last slot: saved outside every module (``current == -1``), folded into the root
             own = {"grads": [0] * n, "acts": [0] * n}
@@ -831,8 +872,12 @@ class PhaseProbe:
         mm = self.modules
         full = self.full_step(step)
         if mm is not None:
-            mm.reset()
-        rec = {"step": step, "micro_step": micro_step, "rank": self.rank, "phase": phase, **self.measure(full)}
+            mm.reset(after_forward=phase == "after_fwd")
+        self._split = full
+        try:
+            rec = {"step": step, "micro_step": micro_step, "rank": self.rank, "phase": phase, **self.measure()}
+        finally:
+            self._split = False
         own = rec.pop("_own", None)
         self.emit("phase", **rec)
         if own is not None and mm is not None:
