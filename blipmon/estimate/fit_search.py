@@ -192,12 +192,7 @@ def largest_batch(probe: Probe, base: dict[str, Any], *, start: int, limit: int,
             guess = predict(pts, lo, hi, threshold) if rounds < 4 else None
         if guess is None:
             guess = min(limit, 2 * lo) if hi is None else (lo + hi) // 2
-        guess = min(top - 1, max(lo + 1, guess))
-        if ok(at(guess)):
-            if guess + 1 < top:
-                at(guess + 1)
-        elif guess - 1 > lo:
-            at(guess - 1)
+        at(min(top - 1, max(lo + 1, guess)))  # a right guess is confirmed by the next round asking its neighbour
     raise RuntimeError("batch search did not converge")  # pragma: no cover - the bracket shrinks every round
 
 
@@ -207,8 +202,9 @@ def predict(pts: dict[int, Outcome], lo: int, hi: int | None, threshold: int) ->
     Each interval's peak is close to linear in the batch (every saved tensor and temporary of the forward and
     backward has the batch as a dimension; parameters, gradients and optimizer state do not depend on it), but
     the *largest* interval is not: a small batch peaks in the optimizer step, a large one in the backward. So the
-    prediction draws one line per interval (and one for the GPU overheads) through the two estimates nearest the
-    bracket and takes the first batch at which any of them crosses the capacity. None without two usable points.
+    prediction draws one line per interval (with the GPU overheads) through the bracket's two ends, or the two
+    fitting estimates furthest apart, and takes the first batch at which any of them crosses the capacity. None
+    without two usable points.
     """
     xs = sorted(pts)
     if hi is not None and lo in pts and hi in pts:
@@ -217,7 +213,7 @@ def predict(pts: dict[int, Outcome], lo: int, hi: int | None, threshold: int) ->
         below = [x for x in xs if x <= lo]
         if len(below) < 2:
             return None
-        a, b = below[-2], below[-1]
+        a, b = below[0], below[-1]  # the widest pair: the allocator's rounding steps matter least
     pa, pb = pts[a], pts[b]
     if len(pa.phase_totals) != len(pb.phase_totals) or not pa.phase_totals:
         return None
