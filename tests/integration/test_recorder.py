@@ -254,7 +254,9 @@ SUMMARY_KEYS = {
     "peaks",
     "oom",
     "exit",
+    "modules",  # optional in DESIGN; every run with runtime.module_depth > 0 (the default) has it
 }
+MODULE_KEYS = {"step", "micro_step", "rank", "phase", "module", "params", "grads", "optim", "acts"}
 ENV_KEYS = {"device", "gpu_name", "gpu_total_bytes", "host_total_bytes", "torch", "transformers", "world_size"}
 PHASE_KEYS = {"step", "micro_step", "rank", "phase", "t", "params", "grads", "optim", "acts", "other", "allocated",
               "peak", "reserved", "host_rss"}  # fmt: skip
@@ -298,6 +300,16 @@ def test_show_json_has_exactly_the_design_summary(runs: dict[str, Any], run_cli:
     assert s["peaks"]["allocated"] is None and s["peaks"]["reserved"] is None and s["peaks"]["device_used"] is None
     assert is_int(s["peaks"]["host_rss"]) and s["peaks"]["host_rss"] > 0
     assert s["oom"] is None
+    # Per-module rows: each boundary's root ("") equals its phase record's four categories (issue 12).
+    assert s["modules"] and all(set(m) == MODULE_KEYS for m in s["modules"])
+    phases = {(p["step"], p["micro_step"], p["phase"]): p for p in s["phases"]}
+    roots = [m for m in s["modules"] if m["module"] == ""]
+    assert {(m["step"], m["micro_step"], m["phase"]) for m in roots} == set(phases)  # steps 0 and 1: in full
+    for m in roots:
+        p = phases[(m["step"], m["micro_step"], m["phase"])]
+        assert [m[k] for k in ("params", "grads", "optim", "acts")] == [
+            p[k] for k in ("params", "grads", "optim", "acts")
+        ]
     assert s["exit"] == {"code": 0, "signal": None}
 
 
