@@ -111,6 +111,8 @@ class FitResult:
             "skipped": [s.to_json() for s in self.skipped],
             "estimates": self.estimates,
             "notes": list(self.notes),
+            "runs_out": self.runs_out,
+            "name": self.name,
         }
 
 

@@ -4,7 +4,9 @@ Left: every preset under its group (tiny, h100, a100, load, train), then the run
 ``./profiles``, newest first, with status and peak. Right: the selected configuration, every
 setting editable and validated as you type by the same code as a TOML file (``config.validate``),
 errors shown next to the field. ``r`` runs it; ``space`` marks runs, ``c`` compares them, ``d``
-deletes one after asking. The estimate panel below the settings predicts the peak and the verdict.
+deletes one after asking. The estimate panel below the settings predicts the peak and the verdict;
+``f`` opens the fit view (``ui/fit.py``): the largest batch and the changes that make the configuration
+fit, one of which ``enter`` applies to the settings.
 
 Sweeps: ``space`` on a preset marks it for a sweep, and ``w`` asks whether to sweep the marked
 presets or the whole group of the selected one, then opens the sweep view (``ui/sweep.py``). Marks
@@ -118,6 +120,7 @@ class LauncherScreen(Screen[None]):
         Binding("space", "mark", "mark"),
         Binding("c", "compare", "compare"),
         Binding("w", "sweep", "sweep"),
+        Binding("f", "fit", "fit"),
         Binding("d", "delete", "delete"),
         Binding("e", "edit", "edit"),
         Binding("escape", "back_to_list", "list", show=False),
@@ -402,6 +405,36 @@ class LauncherScreen(Screen[None]):
             ),
             answer,
         )
+
+    def action_fit(self) -> None:
+        """The fit view of the configuration as edited; a chosen suggestion comes back to the settings."""
+        if self._sweep() is not None or not self.base:
+            self.notify("select a preset or a saved run to fit", severity="warning")
+            return
+        if self.valid_cfg is None:
+            self.notify("fix the settings marked in red first", severity="error")
+            return
+        if self.valid_cfg["job"]["kind"] != "train":
+            self.notify("fit covers training jobs (its batch size and training knobs)", severity="warning")
+            return
+        from blipmon.ui.fit import FitScreen
+
+        self.app.push_screen(FitScreen(self.valid_cfg), self.apply_changes)
+
+    def apply_changes(self, changes: dict[str, Any] | None) -> None:
+        """Put a fit suggestion's values into the settings form (validated as typed), ready to run or edit."""
+        if not changes:
+            return
+        from blipmon.core.config_form import display_value
+
+        applied = []
+        for key, value in changes.items():
+            found = list(self.query(f"#{_key_id(key)}").results(Input))
+            if found:
+                found[0].value = display_value(value)
+                applied.append(f"{key} = {display_value(value)}")
+        self.revalidate()
+        self.notify(one_line("applied " + ", ".join(applied) + " — r runs it"), timeout=6)
 
     def _start_sweep(self, configs: list[str]) -> None:
         self.notify(f"starting a sweep of {' '.join(configs)}…", timeout=4)
