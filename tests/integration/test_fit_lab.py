@@ -10,14 +10,16 @@ search: ``judge`` (what ``blipmon estimate`` says) at the largest batch fits, at
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from blipmon import cli
 from blipmon.core import presets
-from blipmon.core.config import resolve
+from blipmon.core.config import get, resolve
 from blipmon.core.presets import LAB_CARD_BYTES
+from blipmon.core.sweep import expand
 from blipmon.estimate import timeline
 from blipmon.estimate.fit import TIGHT_FRACTION, fit
 from blipmon.estimate.judge import judge
@@ -130,3 +132,22 @@ def test_largest_batch_is_exact(name: str) -> None:
     assert judge(resolve(name, [f"train.batch_size={m + 1}"])).verdict == "oom"
     assert (m >= cfg["train"]["batch_size"]) == (r.verdict != "oom")
     assert r.max_batch_note == ""
+
+
+def test_fit_sweep_writes_the_suggestions_blipmon_sweep_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = fitted("h100/flan-t5-xxl")
+    out = tmp_path / "fit"
+    assert cli.main(["fit", "h100/flan-t5-xxl", "--sweep", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"sweep    {len(r.suggestions)} configurations written to {out}, best first" in text
+    assert text.endswith(f"  blipmon sweep {out}\n")
+    entries = expand([str(out)])
+    assert [e.cfg["name"] for e in entries] == [
+        f"h100/flan-t5-xxl-fit{i:02d}" for i in range(1, len(r.suggestions) + 1)
+    ]
+    for entry, s in zip(entries, r.suggestions, strict=True):
+        applied = {k: get(entry.cfg, k) for k in s.changes}
+        assert applied == s.changes
+        assert judge(entry.cfg).peak_bytes == s.peak_bytes  # the file is the configuration fit judged
