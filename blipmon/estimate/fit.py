@@ -266,7 +266,7 @@ class _Search:
             usable.append(move)
             if o.fits_at_all:
                 self._add(found, o, (move,))
-            else:
+            if not o.ok:  # not enough alone, or tight: also with a smaller micro-batch beside it
                 failing.append(move)
         outcomes = [self.probe.outcome(m.changes) for m in usable] + [self.probe.outcome({})]
         floor = min(o.runtime_bytes for o in outcomes)
@@ -278,8 +278,8 @@ class _Search:
             return [], skipped
         for s in self._with_batch(()):
             found.setdefault(_key(s.changes), s)
-        # Tier 2: a knob that is not enough alone, with the largest micro-batch that fits beside it (the lab's
-        # "8-bit optimizer with a small batch").
+        # Tier 2: a knob that is not enough alone (or leaves it tight), with the largest micro-batch that fits
+        # beside it with the margin (the lab's "8-bit optimizer with a small batch").
         for move in failing:
             for s in self._with_batch((move,), keep_only=True):
                 found.setdefault(_key(s.changes), s)
