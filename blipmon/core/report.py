@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import statistics
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -262,9 +263,38 @@ def _legend(markdown: bool) -> str:
     return f"{mark} = best of the row; (±%) = change against the first run; — = not measured on that device"
 
 
+def cells(text: str) -> int:
+    """How many terminal columns ``text`` takes: East Asian wide and full-width characters two, combining marks
+    and format characters (zero-width joiners, bidi marks) none, the rest one.
+
+    Tables are aligned on this, not on ``len``: a module or run name from a profile can hold ``模型`` or a
+    combining accent, and ``ljust`` by characters would push every cell after it out of its column. Core needs
+    only the standard library (docs/architecture.md), so this is ``unicodedata`` rather than rich's ``cell_len``;
+    it agrees with it on the characters a name holds (not on emoji sequences, which no module is named with).
+    """
+    if text.isascii():
+        return len(text)
+    n = 0
+    for ch in text:
+        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        n += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return n
+
+
+def _ljust(text: str, width: int) -> str:
+    return text + " " * max(width - cells(text), 0)
+
+
+def _rjust(text: str, width: int) -> str:
+    return " " * max(width - cells(text), 0) + text
+
+
 def _aligned(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    """Left-aligned columns two spaces apart, on the cells as displayed (``one_line``'d, display width)."""
+    rows = [[one_line(c) for c in r] for r in rows]
+    widths = [max(cells(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(_ljust(c, w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _unit_for(values: list[int | None]) -> tuple[str, int]:
@@ -427,12 +457,18 @@ def _signed(n: int) -> str:
 
 def _right_aligned(rows: list[list[str]], *, text_last: bool = False) -> list[str]:
     """The first column left-aligned (names), the others right-aligned (figures); the last one left-aligned too
-    when it is words (``text_last``)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    when it is words (``text_last``).
+
+    Widths are measured on the text as it is displayed: every cell is ``one_line``'d first (an escape sequence
+    in a module's name is removed, a control character becomes ``^X``, both changing its length) and measured in
+    terminal columns (``cells``), so a hostile or wide name cannot shift the figures after it.
+    """
+    rows = [[one_line(c) for c in r] for r in rows]
+    widths = [max(cells(r[i]) for r in rows) for i in range(len(rows[0]))]
     left = {0, len(widths) - 1} if text_last else {0}
     return [
         "  ".join(
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            _ljust(c, w) if i in left else _rjust(c, w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         ).rstrip()
         for r in rows
     ]

@@ -14,12 +14,14 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from rich.cells import cell_len, set_cell_size
 from rich.style import Style
 from textual.strip import Strip
 
 from blipmon.core import timeline as tl
 from blipmon.core.module_view import NO_MODULES, ModuleNode, ModulePanel
 from blipmon.core.modules import MODULE_CATEGORIES
+from blipmon.core.safe_text import one_line
 from blipmon.core.units import fmt_bytes
 from blipmon.ui import theme
 from blipmon.ui.widgets.base import LinesWidget, strip
@@ -36,8 +38,11 @@ _OOM = Style(color=theme.CAPACITY_COLOR, bold=True)
 
 
 def _name(n: ModuleNode, panel: ModulePanel) -> str:
+    """The name cell as displayed: ``one_line`` here, before its width is measured, not later in ``strip``
+    (an escape sequence removed or a control character shown as ``^X`` would change its width after the
+    column was laid out, and shift the bars after it)."""
     mark = ("▾ " if n.path in panel.expanded else "▸ ") if n.path in panel.openable else "  "
-    return "  " * n.depth + mark + n.label
+    return "  " * n.depth + mark + one_line(n.label)
 
 
 def _pred_text(n: ModuleNode) -> str:
@@ -49,7 +54,11 @@ def _pred_text(n: ModuleNode) -> str:
 
 
 def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+    """``text`` cut to ``width`` terminal cells (``…`` where cut), then padded to exactly ``width``: measured in
+    cells, so a wide character (``视觉``, two cells) cannot push the bars out of their column."""
+    if cell_len(text) > width:
+        text = set_cell_size(text, max(width - 1, 0)) + "…" if width > 0 else ""
+    return set_cell_size(text, width)
 
 
 def module_lines(panel: ModulePanel | None, cursor: str | None, width: int, height: int) -> list[Strip]:
@@ -72,14 +81,14 @@ def module_lines(panel: ModulePanel | None, cursor: str | None, width: int, heig
         rows.append(strip([(f"OOM next, {panel.oom}", _OOM)], width))
     nodes = panel.nodes
     tail = TOTAL_W + (PRED_W if panel.with_prediction and width >= 70 else 0)
-    name_w = min(max((len(_name(n, panel)) for n in nodes), default=NAME_MIN) + 1, max(width // 3, NAME_MIN))
+    name_w = min(max((cell_len(_name(n, panel)) for n in nodes), default=NAME_MIN) + 1, max(width // 3, NAME_MIN))
     bar_w = max(width - name_w - tail, 4)
     scale = max([n.total for n in nodes] + [n.predicted.total for n in nodes if n.predicted] + [1])
     room = max(height - len(rows), 1)
     at = next((i for i, n in enumerate(nodes) if n.path == cursor), 0)
     top = max(0, min(at - room // 2, len(nodes) - room))
     for i, n in enumerate(nodes[top : top + room], start=top):
-        name = _fit(_name(n, panel), name_w - 1).ljust(name_w)
+        name = _fit(_name(n, panel), name_w - 1) + " "
         style = _OOM if n.path in panel.oom_paths else None
         parts: list[tuple[str, Style | None]] = [(name, style + _CURSOR if style and i == at else _CURSOR if i == at
                                                   else style)]  # fmt: skip
