@@ -138,11 +138,11 @@ def render(
         "tight": f"TIGHT: fits with only {fmt_bytes(r.headroom_bytes)} to spare",
         "oom": "OUT OF MEMORY" + (f": runs out at {one_line(r.runs_out)}" if r.runs_out else ""),
     }[r.verdict]
-    lines.append(
-        f"as is    {as_is}; peak {fmt_bytes(r.peak_bytes)} + {fmt_bytes(r.runtime_bytes)} {overhead}, "
-        f"micro-batch {r.batch_size}, effective batch {r.effective_batch}"
-    )
-    if r.max_batch_size is None:
+    batch = f", micro-batch {r.batch_size}, effective batch {r.effective_batch}" if r.effective_batch else ""
+    lines.append(f"as is    {as_is}; peak {fmt_bytes(r.peak_bytes)} + {fmt_bytes(r.runtime_bytes)} {overhead}{batch}")
+    if r.max_batch_size is None and r.max_batch_note:
+        lines.append(f"largest  {one_line(r.max_batch_note)}")
+    elif r.max_batch_size is None:
         lines.append("largest  no train.batch_size fits, not even 1, with everything else as configured")
     else:
         extra = f" ({one_line(r.max_batch_note)})" if r.max_batch_note else f"; {r.max_batch_size + 1} does not"
@@ -160,8 +160,8 @@ def render(
         for i, s in enumerate(r.suggestions, 1):
             lines.append(f"  {i:2d}. {' '.join(shlex.quote(w) for w in set_args(s.changes))}")
             lines.append(
-                f"      {s.verdict.upper()}: peak {fmt_bytes(s.peak_bytes)}, {fmt_bytes(s.headroom_bytes)} to spare, "
-                f"effective batch {s.effective_batch}"
+                f"      {s.verdict.upper()}: peak {fmt_bytes(s.peak_bytes)}, {fmt_bytes(s.headroom_bytes)} to spare"
+                + (f", effective batch {s.effective_batch}" if s.effective_batch else "")
             )
             for n in s.notes:
                 lines.append(f"      - {printable(n)}")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from blipmon.core.config import ConfigError, validate
+from blipmon.core.config import SCHEMA, ConfigError, validate
 from blipmon.core.units import fmt_bytes
 from blipmon.estimate import fit_knobs
 from blipmon.estimate.fit_knobs import COST_ACCUMULATE, COST_SMALLER_BATCH, Move, Skipped
@@ -192,11 +192,7 @@ def fit(
     """
     t0 = time.perf_counter()
     cfg = validate(cfg)
-    if cfg["job"]["kind"] != "train":
-        raise ConfigError(
-            f"job.kind = {cfg['job']['kind']!r}: `blipmon fit` covers training jobs (its batch size and the training "
-            "knobs); load and generate jobs get their suggestions when their estimates land"
-        )
+    kind = cfg["job"]["kind"]
     judge = FitJudge(gpu_memory, host_memory)
     probe = Probe(cfg, judge, progress)
     base = probe.outcome({}, label="as configured")
@@ -205,12 +201,23 @@ def fit(
     t = cfg["train"]
     b0, acc0 = int(t["batch_size"]), int(t["accumulate_grad_batches"])
     ranks = int(t["devices"]) * int(t["num_nodes"])
-    limit = -(-int(t["num_train_samples"]) // ranks)  # the data set's per-rank share: the largest valid batch
-    max_batch = largest_batch(probe, {}, start=b0, limit=limit, threshold=0)
     note = ""
-    if max_batch == limit:
-        note = f"limited by the data set: train.num_train_samples = {t['num_train_samples']} over {ranks} rank(s)"
-    search = _Search(probe, cfg, b0, acc0, ranks, limit, judge.margin, host_memory)
+    if kind == "train":
+        limit = -(-int(t["num_train_samples"]) // ranks)  # the data set's per-rank share: the largest valid batch
+        max_batch = largest_batch(probe, {}, start=b0, limit=limit, threshold=0)
+        if max_batch == limit:
+            note = f"limited by the data set: train.num_train_samples = {t['num_train_samples']} over {ranks} rank(s)"
+    elif kind == "generate":  # generate's batch is train.batch_size (its images at once); no data set bounds it
+        acc0, ranks = 1, 1
+        limit = int(SCHEMA["train.batch_size"].maximum or b0)
+        max_batch = largest_batch(probe, {}, start=b0, limit=limit, threshold=0)
+        if max_batch == limit:
+            note = f"limited by train.batch_size's largest value, {limit}"
+    else:
+        acc0, ranks, limit, max_batch = 1, 1, b0, None
+        note = "a load job has no batch"
+    # A load job has no batch: its suggestions carry an effective batch of 0.
+    search = _Search(probe, cfg, b0 if kind != "load" else 0, acc0, ranks, limit, judge.margin, host_memory)
     suggestions: list[Suggestion] = []
     skipped: list[Skipped] = []
     if not base.ok:
@@ -225,7 +232,7 @@ def fit(
         capacity_source=judge.source,
         margin_bytes=judge.margin,
         batch_size=b0,
-        effective_batch=b0 * acc0 * ranks,
+        effective_batch=b0 * acc0 * ranks if kind != "load" else 0,
         max_batch_size=max_batch,
         max_batch_note=note,
         notes=tuple(search.notes),
@@ -355,6 +362,16 @@ class _Search:
         per_rank = self.b0 * self.acc0
         names = " + ".join(x.name for x in moves) or "as configured"
         out: list[Suggestion] = []
+        kind = self.cfg["job"]["kind"]
+        if kind == "load":
+            return out  # nothing to batch
+        if kind == "generate":  # fewer images at once: no accumulation in generation
+            m = largest_batch(self.probe, base, start=self.b0, limit=self.limit, threshold=self.margin)
+            if m is not None and m < self.b0:
+                plain = self.probe.outcome({**base, "train.batch_size": m})
+                if plain.ok:
+                    out.append(self._batch_suggestion(plain, moves, m, 1))
+            return out
 
         def kept(d: int) -> Outcome:
             changes = {**base, "train.batch_size": d, "train.accumulate_grad_batches": per_rank // d}
@@ -415,6 +432,8 @@ def _runs_out(o: Outcome) -> str:
     j = o.judgement
     if j.limiting_device == "cpu" and j.device != "cpu":
         return "the host: its RAM is short for what the run keeps there"
+    if j.estimate.__class__.__name__ == "LoadEstimate":  # load and generate: about the limiting device
+        return str(j.estimate.runs_out_text(j.device_judgement(j.limiting_device)))
     text = getattr(j.estimate, "runs_out_text", None)
     return text() if callable(text) else ""
 

@@ -74,9 +74,10 @@ def moves_for(cfg: dict[str, Any], *, deepspeed: bool | None = None) -> Knobs:
     t, m = cfg["train"], cfg["model"]
     out = Knobs()
     if cfg["job"]["kind"] != "train":
+        out.moves += load_moves(cfg)
         why = f"job.kind = {cfg['job']['kind']!r}: nothing is trained, so training knobs do not apply"
         for changes in (
-            {"train.batch_size": "smaller"},
+            {"train.accumulate_grad_batches": "larger"},
             {"train.precision": "bf16-true"},
             {"train.optim": "sgd"},
             {"train.act_ckpt": True},
@@ -136,6 +137,37 @@ def moves_for(cfg: dict[str, Any], *, deepspeed: bool | None = None) -> Knobs:
             out.moves.append(Move("qlora", "adapters", {"train.qlora": True}, COST_QLORA, qlora_note(cfg)))
     return out
 
+
+COST_HALF_WEIGHTS = 1
+COST_DEVICE_MAP = 3
+COST_8BIT_WEIGHTS = 4
+COST_4BIT_WEIGHTS = 5
+
+
+def load_moves(cfg: dict[str, Any]) -> list[Move]:
+    """The loading seeds' knobs for a load or generate job: half-precision weights, 8-bit and 4-bit loading, and
+    ``device_map = "auto"`` (the GPU while modules fit, the rest on the CPU)."""
+    m = cfg["model"]
+    out: list[Move] = []
+    if m["quantization"] == "none" and m["dtype"] == "float32":
+        out.append(Move("float16", "dtype", {"model.dtype": "float16"}, COST_HALF_WEIGHTS, HALF_WEIGHTS))
+        out.append(Move("bfloat16", "dtype", {"model.dtype": "bfloat16"}, COST_HALF_WEIGHTS, HALF_WEIGHTS))
+    if m["quantization"] == "none":
+        out.append(Move("8bit", "quantization", {"model.quantization": "8bit"}, COST_8BIT_WEIGHTS, EIGHT_BIT))
+    if m["quantization"] in ("none", "8bit"):
+        out.append(Move("4bit", "quantization", {"model.quantization": "4bit-nf4"}, COST_4BIT_WEIGHTS, FOUR_BIT))
+    if m["device_map"] in ("cuda", "cpu-first"):
+        out.append(Move("auto map", "device_map", {"model.device_map": "auto"}, COST_DEVICE_MAP, AUTO_MAP))
+    return out
+
+
+HALF_WEIGHTS = "16-bit weights: half the memory of fp32; generation's numerics barely change"
+EIGHT_BIT = "8-bit weights (bitsandbytes LLM.int8): about a quarter of fp32; slower matmuls, small quality loss"
+FOUR_BIT = "4-bit NF4 weights (bitsandbytes): about an eighth of fp32; dequantizing costs time, some quality loss"
+AUTO_MAP = (
+    "device_map = 'auto': accelerate fills the GPU and puts the modules that do not fit on the CPU, which run "
+    "there, much slower"
+)
 
 BF16_MIXED = (
     "bf16-mixed: the weights stay fp32, the forward and backward run in bfloat16 (autocast): numerics close to "

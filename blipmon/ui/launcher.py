@@ -414,9 +414,6 @@ class LauncherScreen(Screen[None]):
         if self.valid_cfg is None:
             self.notify("fix the settings marked in red first", severity="error")
             return
-        if self.valid_cfg["job"]["kind"] != "train":
-            self.notify("fit covers training jobs (its batch size and training knobs)", severity="warning")
-            return
         from blipmon.ui.fit import FitScreen
 
         self.app.push_screen(FitScreen(self.valid_cfg), self.apply_changes)

@@ -40,7 +40,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
         (["no/such-preset"], "neither a preset"),
         (["tiny/blip2-opt", "--set", "train.batch_size=0"], "train.batch_size"),
         (["tiny/blip2-opt", "--set", "train.optim=lion"], "train.optim"),
-        (["tiny/blip2-opt", "--set", "job.kind=load"], "covers training jobs"),
+        (["tiny/blip2-opt", "--set", "train.devices=2"], "several ranks need train.strategy = 'ddp'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:

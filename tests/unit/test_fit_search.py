@@ -174,8 +174,12 @@ def test_knobs_that_cannot_apply_are_skipped_with_a_reason() -> None:
     assert [s.changes for s in no_ds.skipped] == [fit_knobs.OFFLOAD]
     assert "DeepSpeed is not installed" in no_ds.skipped[0].reason
 
-    load = fit_knobs.moves_for(resolve("load/fp16-gpu"), deepspeed=True)
-    assert load.moves == []
+    load = fit_knobs.moves_for(resolve("load/fp16-gpu"), deepspeed=True)  # fp16 weights, all on the GPU
+    assert [m.changes for m in load.moves] == [
+        {"model.quantization": "8bit"},
+        {"model.quantization": "4bit-nf4"},
+        {"model.device_map": "auto"},
+    ]
     assert {"train.lora.enabled": True} in [s.changes for s in load.skipped]
     assert all("nothing is trained" in s.reason for s in load.skipped)
 

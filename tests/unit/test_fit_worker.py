@@ -42,9 +42,9 @@ def test_stop_ends_a_running_search() -> None:
 
 def test_an_error_is_an_event() -> None:
     cfg = resolve("tiny/blip2-opt", ["model.device_map=cpu"])
-    cfg["job"]["kind"] = "load"
+    cfg["train"]["batch_size"] = 0  # a configuration file edited by hand: validated in the worker
     events = list(FitRun(cfg).events())
-    assert len(events) == 1 and "covers training jobs" in events[0]["error"]
+    assert len(events) == 1 and "train.batch_size = 0: expected an integer >= 1" in events[0]["error"]
 
 
 def test_the_launchers_card_for_a_gpu_configuration_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
