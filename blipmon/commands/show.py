@@ -21,7 +21,7 @@ from blipmon.core.layout import EVENTS, SWEEP_FILE
 
 
 def run(args: argparse.Namespace) -> int:
-    from blipmon.core.report import render_show
+    from blipmon.core.report import render_show, run_warnings
     from blipmon.core.run import load_run
     from blipmon.core.safe_text import printable
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if run_data.oom is not None and run_data.indexed is not None and not args.json:
         # An out-of-memory outcome lists the modules of the last boundary before it: records the index leaves out.
         run_data = load_run(args.run)
-    for w in run_data.warnings:
+    for w in run_warnings(run_data):
         print(f"blipmon: warning: {printable(w)}", file=sys.stderr)
     if args.json:
         print(json.dumps(run_data.summary(), indent=1))  # json escapes every control character itself
@@ -90,8 +90,14 @@ def _show_modules(args: argparse.Namespace) -> int:
     run_data = load_run(args.run)  # module records are not in the run index: the whole file is read
     for w in run_data.warnings:
         print(f"blipmon: warning: {printable(w)}", file=sys.stderr)
+    bad = run_data.modules.unreadable()
     if not run_data.modules:
-        raise UsageError(f"{args.run}: {NO_MODULES}")
+        # Records there but unreadable are damage: saying "attribution was off" would send the user to a setting.
+        raise UsageError(
+            f"{args.run}: no per-module figures could be read: {bad}" if bad else f"{args.run}: {NO_MODULES}"
+        )
+    if bad:
+        print(f"blipmon: warning: {printable(args.run)}: {bad}", file=sys.stderr)
     peak = run_data.peak_phase()
     b = select_boundary(run_data.modules, peak, step=args.step, phase=args.phase)
     nodes = walk(boundary_tree(run_data.modules, b, run_data.prediction), max_depth=args.depth)

@@ -134,6 +134,21 @@ class ModuleRecords:
     def __bool__(self) -> bool:
         return bool(self.rows)
 
+    def unreadable(self) -> str | None:
+        """What to tell the user about the records this fold dropped (``dropped``), or None when it dropped none.
+
+        A dropped record is damage, not an absence: said as such, a view that finds no figures does not send the
+        user looking for a setting (``runtime.module_depth``) that was on. Every view words it the same (``show``
+        and ``compare`` print it as a warning).
+        """
+        n = self.dropped
+        if not n:
+            return None
+        return (
+            f"{n} per-module record{'s are' if n != 1 else ' is'} unreadable and left out (malformed, or not"
+            " matching the module tree): the profile may be damaged"
+        )
+
     def boundaries(self, rank: int | None = None) -> list[tuple[int, int, int, str]]:
         """Every recorded boundary (rank, step, micro_step, phase), in recording order, each once."""
         seen: dict[tuple[int, int, int, str], None] = {}

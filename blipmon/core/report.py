@@ -86,6 +86,17 @@ def median_rate(run: RunData) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def run_warnings(run: RunData) -> list[str]:
+    """The run's warnings (``RunData.warnings``: the reader's corrupt lines) and, where per-module records were read
+    and some were unreadable, that too (``ModuleRecords.unreadable``), named by the run's folder as the reader's
+    are. ``show`` and ``compare`` print these on stderr, and ``show``'s text lists them."""
+    out = list(run.warnings)
+    bad = run.modules.unreadable()
+    if bad:
+        out.append(f"{run.path}: {bad}" if run.path else bad)
+    return out
+
+
 def oom_where(run: RunData) -> str:
     if not run.oom:
         return ""
@@ -375,7 +386,7 @@ def render_show(run: RunData) -> str:
     lines.extend(_oom_module_lines(run))
     for n in run.notes:
         lines.append(f"note     {n}")
-    for w in run.warnings:
+    for w in run_warnings(run):
         lines.append(f"warning  {w}")
     return "\n".join(one_line(line) for line in lines) + "\n"
 
@@ -498,6 +509,9 @@ def render_modules(run: RunData, b: Boundary, nodes: Sequence[ModuleNode], why: 
             "predicted: the estimate saved when the run started (its step 1 stands for every later step);"
             " (±%) against the measured total"
         )
+    bad = run.modules.unreadable()
+    if bad:  # the tree may lack a boundary or a step the user expects: say why beside it, not only on stderr
+        lines.append(f"warning  {bad}")
     return "\n".join(one_line(line) for line in lines) + "\n"
 
 
@@ -586,9 +600,10 @@ def render_module_compare(runs: list[RunData], fmt: str = "table") -> str:
         return buf.getvalue()
     where = " · ".join(f"{i + 1}. {b.label() if b else 'no module figures'}" for i, b in enumerate(bounds))
     head = [f"modules  compared at {where}; {MODULES_NOTE}; changes against run 1"]
-    missing = [names[i] for i, b in enumerate(bounds) if b is None]
-    if missing:
-        head.append(f"note     no module figures in {', '.join(missing)} (attribution off, or a profile before it)")
+    for i, b in enumerate(bounds):
+        if b is None:  # by number, as the columns are: two runs can share a name
+            why = runs[i].modules.unreadable() or "attribution off, or a profile before it"
+            head.append(f"note     no module figures in run {i + 1} ({names[i]}): {why}")
     header = ["module", *(f"{i + 1}. {n} total" for i, n in enumerate(names)), "changed"]
     table = [header]
     for d in diffs:
@@ -628,4 +643,5 @@ __all__ = [
     "render_module_compare",
     "render_modules",
     "render_show",
+    "run_warnings",
 ]

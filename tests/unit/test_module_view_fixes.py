@@ -9,6 +9,7 @@ Asian Width "W"), ``\\x01`` is shown as the two characters ``^A``, an OSC sequen
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,72 @@ def test_the_dashboards_module_view_aligns_its_bars_on_the_displayed_names() -> 
     assert [cell_len(n) for n in names] == [16] * 4
     # so every bar starts in column 16 and every row is the view's 80 columns
     assert [cell_len(r.text) for r in nodes] == [80] * 4
+
+
+# -- unreadable module records are said as such --------------------------------------------------------------------
+
+BAD = (
+    "per-module record{} unreadable and left out (malformed, or not matching the module tree): the profile may be"
+    " damaged"
+)
+
+
+def _damaged(run_dir: Path, *, every: bool = False) -> Path:
+    """The plain profile with one element of step 1 after_fwd's ``acts`` list negative (``every``: one bad element
+    in every ``modules`` record, 3 steps x 4 phases = 12 of them)."""
+    evs = mp.events("plain", prediction=False)
+    for e in evs:
+        if e["type"] == "modules" and (every or (e["step"], e["phase"]) == (1, "after_fwd")):
+            e["acts"][2] = -1
+    return mp.write(run_dir, evs)
+
+
+def test_show_modules_says_records_were_unreadable_not_that_attribution_was_off(tmp_path: Path, capsys) -> None:
+    run = _damaged(tmp_path / "all", every=True)
+    code, out, err = _cli(capsys, "show", run, "--modules")
+    assert code == 2 and out == ""
+    assert err == f"blipmon: {run}: no per-module figures could be read: 12 {BAD.format('s are')}\n"
+    code, out, err = _cli(capsys, "show", run, "--modules", "--json")
+    assert code == 2 and out == "" and "12 per-module records are unreadable" in err
+
+
+def test_one_unreadable_record_is_a_warning_on_stderr_and_in_the_text(tmp_path: Path, capsys) -> None:
+    run = _damaged(tmp_path / "one")
+    warning = f"blipmon: warning: {run}: 1 {BAD.format(' is')}\n"
+    code, out, err = _cli(capsys, "show", run, "--modules")
+    assert code == 0 and err == warning
+    lines = out.splitlines()
+    # the peak (step 1 after_fwd) lost its figures: the last boundary recorded is shown, step 2 after_opt_step
+    assert lines[1].startswith("modules  step 2 after_opt_step (the last boundary recorded:")
+    assert lines[-1] == f"warning  1 {BAD.format(' is')}"
+    code, out, err = _cli(capsys, "show", run, "--modules", "--json")
+    assert code == 0 and err == warning and len(json.loads(out)) == len(mp.TREE)
+    # the fixed summary: every other boundary's rows (11 of 12 boundaries x 6 modules), the warning on stderr
+    code, out, err = _cli(capsys, "show", run, "--json")
+    assert code == 0 and err == warning and len(json.loads(out)["modules"]) == 11 * len(mp.TREE)
+    code, out, err = _cli(capsys, "compare", run, run, "--modules")
+    assert code == 0 and err == warning * 2
+
+
+def test_compare_modules_names_the_damaged_run_and_why(tmp_path: Path, capsys) -> None:
+    plain = mp.write(tmp_path / "plain", mp.events("plain", prediction=False))
+    bad = _damaged(tmp_path / "bad", every=True)
+    code, out, err = _cli(capsys, "compare", plain, bad, "--modules")
+    assert code == 0 and err == f"blipmon: warning: {bad}: 12 {BAD.format('s are')}\n"
+    assert out.splitlines()[1] == f"note     no module figures in run 2 (plain): 12 {BAD.format('s are')}"
+    code, out, err = _cli(capsys, "compare", bad, bad, "--modules")
+    assert code == 2 and out == ""
+    assert err.endswith("blipmon: none of these runs has readable per-module figures (see the warnings above)\n")
+
+
+# -- compare's note names a run by its number ------------------------------------------------------------------------
+
+
+def test_compare_modules_note_names_the_run_by_number_when_names_are_shared(tmp_path: Path, capsys) -> None:
+    with_mods = mp.write(tmp_path / "a", mp.events("tiny/blip2-opt", prediction=False))
+    without = mp.write(tmp_path / "b", mp.events("tiny/blip2-opt", modules=False, prediction=False))
+    code, out, _ = _cli(capsys, "compare", with_mods, without, with_mods, "--modules")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("modules  compared at 1. step 1 after_fwd · 2. no module figures · 3. step 1 after_fwd;")
+    assert lines[1] == "note     no module figures in run 2 (tiny/blip2-opt): attribution off, or a profile before it"

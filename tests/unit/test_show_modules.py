@@ -177,7 +177,7 @@ def test_compare_modules_of_runs_without_records(runs: dict[str, Path], capsys) 
     assert code == 2 and out == "" and "none of these runs has per-module figures" in err
     code, out, _ = _cli(capsys, "compare", runs["old"], runs["plain"], "--modules")
     assert code == 0
-    assert out.splitlines()[1] == "note     no module figures in old (attribution off, or a profile before it)"
+    assert out.splitlines()[1] == "note     no module figures in run 1 (old): attribution off, or a profile before it"
 
 
 def test_compare_table_names_the_ooms_module(runs: dict[str, Path], capsys) -> None:
