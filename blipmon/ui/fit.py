@@ -1,7 +1,7 @@
 """The launcher's fit view: a configuration's verdict, its largest batch, and the changes that make it fit.
 
 Opened with ``f`` on the launcher's selected configuration (its settings as edited). The search
-(``blipmon.estimate.fit``) runs in a process of its own (``estimate/fit_worker.FitRun``), followed by a thread
+(``blipmon.estimate.fit``) runs in a process of its own (``runner/fit_process.FitRun``), followed by a thread
 worker that only reads its events, so the interface never waits: the view shows each estimate as the search makes
 it, then the result. ``enter`` on a suggestion closes the view with its changes, which the launcher applies to its
 settings (ready to run with ``r``); ``escape`` closes it and stops a search still running.
@@ -37,7 +37,7 @@ class Search(Protocol):
 
 
 def start_fit(cfg: dict[str, Any]) -> Search:
-    from blipmon.estimate.fit_worker import FitRun
+    from blipmon.runner.fit_process import FitRun
 
     return FitRun(cfg)
 

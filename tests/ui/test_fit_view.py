@@ -1,7 +1,7 @@
 """The launcher's fit view (``f``): progress while the search runs, the result, a suggestion applied to the settings.
 
 The search is the one thing replaced here: a scripted ``Search`` that yields the fit worker's events (the real
-worker process is tested in tests/unit/test_fit_worker.py), held between its progress and its result so the test
+worker process is tested in tests/unit/test_fit_process.py), held between its progress and its result so the test
 can see the view answer keys while a search is still running.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m blipmon.estimate.fit_worker CONFIG.json GPU_BYTES|- HOST_BYTES|-``: a fit in a process of its own.
+"""``python -m blipmon.runner.fit_process CONFIG.json GPU_BYTES|- HOST_BYTES|-``: a fit in a process of its own.
 
 The launcher's fit view runs the search here, not in a thread: building a model is not thread-safe (accelerate's
 and transformers' empty-weight contexts patch ``torch.nn.Module`` for the whole process, and the launcher's
@@ -53,7 +53,7 @@ def launcher_gpu_memory(cfg: dict[str, Any], gpu_memory: int | None) -> tuple[in
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3:
-        print("usage: python -m blipmon.estimate.fit_worker CONFIG.json GPU_BYTES|- HOST_BYTES|-", file=sys.stderr)
+        print("usage: python -m blipmon.runner.fit_process CONFIG.json GPU_BYTES|- HOST_BYTES|-", file=sys.stderr)
         return 2
     gpu = None if args[1] == "-" else int(args[1])
     host = None if args[2] == "-" else int(args[2])
@@ -88,7 +88,7 @@ class FitRun:
         cmd = [
             sys.executable,
             "-m",
-            "blipmon.estimate.fit_worker",
+            "blipmon.runner.fit_process",
             str(self._config),
             "-" if gpu_memory is None else str(gpu_memory),
             "-" if host_memory is None else str(host_memory),

@@ -1,6 +1,6 @@
 """The fit worker process the launcher's fit view follows: its JSON-lines events, its result, and being stopped.
 
-Real processes (``python -m blipmon.estimate.fit_worker``), as the view starts them.
+Real processes (``python -m blipmon.runner.fit_process``), as the view starts them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from blipmon.core.config import resolve
 from blipmon.core.presets import LAB_CARD_BYTES
 from blipmon.estimate import timeline
-from blipmon.estimate.fit_worker import FitRun, launcher_gpu_memory
+from blipmon.runner.fit_process import FitRun, launcher_gpu_memory
 
 
 def test_a_cpu_fit_reports_progress_then_its_result() -> None:
