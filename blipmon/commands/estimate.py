@@ -1,4 +1,4 @@
-"""``blipmon estimate CONFIG [--set K=V]... [--gpu-memory SIZE] [--host-memory SIZE] [--json]``: will it fit?
+"""``blipmon estimate CONFIG [--set K=V]... [--gpu-memory SIZE] [--host-memory SIZE] [--modules] [--json]``: will it fit?
 
 Exit codes: 0 when an estimate was made, whatever its verdict (the verdict is data: read ``--json``'s
 ``verdict``, or the last line of the table); 2 for a configuration or usage error (a bad key, a bad size, a GPU
@@ -11,6 +11,14 @@ right now, and a GPU run that offloads its optimizer to the host (DeepSpeed) is 
 
 Every verdict rule lives in ``blipmon.estimate.judge`` (``blipmon fit`` asks it too); this module parses the two
 sizes and prints.
+
+``--modules`` adds the predicted memory per module (``estimate.modules``, docs/modules.md "Predicted"): the text
+prints the tree at step 1 (the steady state) and the predicted peak's phase, as ``show --modules`` prints a run's
+(a peak in the backward shows ``after_fwd``, whose activations that backward releases: ``after_bwd`` holds none);
+``--json`` adds ``modules``, every predicted row (steps 0 and 1, the four phases). The tree's depth is
+``runtime.module_depth`` (``--set runtime.module_depth=N``; 0, attribution off for runs, gives the default depth
+here: asking for modules is asking for some). A load or generate job has no training step to split: it prints its
+estimate with a note saying so (exit 0) and its JSON has no ``modules``.
 """
 
 from __future__ import annotations
@@ -40,12 +48,56 @@ def run(args: Any) -> int:
 
     gpu = memory_arg("--gpu-memory", args.gpu_memory)
     host = memory_arg("--host-memory", getattr(args, "host_memory", None))
-    j = judge(resolve(args.config, args.overrides), gpu_memory=gpu, host_memory=host)
+    cfg = resolve(args.config, args.overrides)
+    j = judge(cfg, gpu_memory=gpu, host_memory=host)
+    rows, note = module_rows(cfg, j) if getattr(args, "modules", False) else (None, None)
     if args.json:
-        print(json.dumps(j.to_json(), indent=1))
+        data = j.to_json()
+        if rows is not None:
+            from blipmon.estimate.modules import rows_json
+
+            data["modules"] = rows_json(rows)
+        print(json.dumps(data, indent=1))
     else:
-        sys.stdout.write(render(j))
+        text = render(j)
+        if rows is not None:
+            text += render_modules(j, rows)
+        if note:
+            text += f"note     {note}\n"
+        sys.stdout.write(text)
     return 0
+
+
+def module_rows(cfg: dict[str, Any], j: Any) -> tuple[list[Any] | None, str | None]:
+    """(the predicted per-module rows, None) for a training job; (None, why not) for a load or generate job."""
+    from blipmon.core import config as config_mod
+    from blipmon.core.schema import SCHEMA
+    from blipmon.estimate.modules import predict_modules
+
+    cfg = config_mod.validate(cfg)
+    if cfg["job"]["kind"] != "train":
+        return None, (
+            f"--modules: per-module prediction covers training jobs (job.kind = {cfg['job']['kind']}); "
+            "this estimate's devices say where the weights go"
+        )
+    depth = int(cfg["runtime"]["module_depth"]) or int(SCHEMA["runtime.module_depth"].default)
+    return predict_modules(cfg, depth=depth, est=j.estimate), None
+
+
+def render_modules(j: Any, rows: list[Any]) -> str:
+    """The predicted tree at step 1 and the predicted peak's phase, as ``show --modules`` prints a run's."""
+    from blipmon.core.module_view import build_tree, walk
+    from blipmon.core.report import MODULES_NOTE, module_table
+    from blipmon.core.safe_text import one_line
+
+    est = j.estimate
+    step, phase, why = 1, est.peak_phase, "the steady state, at the predicted peak's phase"
+    if phase == "after_bwd":  # that boundary holds no activations: show what the peaking backward starts from
+        phase, why = "after_fwd", "the steady state; the predicted peak is in the backward that starts here"
+    nodes = walk(build_tree([r for r in rows if r.step == step and r.phase == phase]))
+    lines = [f"modules  predicted at step {step} {phase} ({why}); {MODULES_NOTE}"]
+    lines += ["  " + line for line in module_table(nodes)]
+    return "\n".join(one_line(line) for line in lines) + "\n"
 
 
 def render(j: Any) -> str:

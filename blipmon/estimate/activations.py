@@ -352,6 +352,14 @@ class Profile:
     saved: tuple[tuple[str, int, int, str], ...] = ()  # (stack or "", layer index or -1, bytes, shape/dtype)
     loss: int = 0  # bytes of the micro-step's loss (``out.loss / accumulate``), which the runner keeps for the mean
     recast: tuple[tuple[str, str], ...] = ()  # (layer-free parameter name, dtype) of parameters the step re-typed
+    # ``trace(..., modules=True)`` only: where each saved storage alive after the forward was saved first, by the
+    # probe's rule (``runner.probes.ModuleMap``): (the modules running then, outermost first, as paths of the model
+    # inside its wrappers; the activation-checkpointed module that noted it, or None; the stacked layer it is a
+    # per-layer cost of, as ``stack.index``, or None; bytes), summed per place. A layer's per-layer cost was made in
+    # its forward or is the hidden state it received: a further layer of its kind adds one like it (what a stack's
+    # layers share, such as the encoder states every cross-attention layer keeps or T5's position bias, is not).
+    # ``estimate.modules`` folds it into any tree depth. Adds up to ``acts``.
+    saved_where: tuple[tuple[tuple[str, ...], str | None, str | None, int], ...] = ()
 
     def extrapolate(self, extra: dict[tuple[str, str], int], *, grads_exist: bool) -> tuple[int, int, int]:
         """(acts after forward, forward peak, backward peak) of the full model, non-parameter bytes.
@@ -413,12 +421,21 @@ def layer_signatures(model: Any) -> dict[str, list[str]]:
     return out
 
 
-def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: dict[str, list[str]]) -> Profile:
+def trace(
+    model: Any,
+    cfg: dict[str, Any],
+    spec: Any,
+    device: str,
+    signatures: dict[str, list[str]],
+    *,
+    modules: bool = False,
+) -> Profile:
     """Run one micro-step of ``model`` (fake, short) as ``run_train`` does and profile it.
 
     ``device`` is where the run would execute ("cpu" or "cuda"); it selects the attention kernels.
     ``signatures`` are the layer kinds of each stack, taken from the model before it became fake (a 4-bit weight
-    has its logical shape there), so they compare with the full model's.
+    has its logical shape there), so they compare with the full model's. ``modules`` also follows which modules
+    run, for ``Profile.saved_where`` (a hook pair on every module: off for the plain estimate, which needs none).
     """
     import time
 
@@ -492,6 +509,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
         return alias
 
     tracker._pack = pack  # type: ignore[method-assign]
+    saves = _SaveLog(model, tracker, hooks) if modules else None
 
     batch = _fake_batch(model, cfg, spec)
     batch_bytes = sum(live.see(v).nbytes for v in batch.values())
@@ -514,6 +532,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
             live.settle()
             f1 = live.tick
             acts = _unique_bytes(tracker.alive(), {_key(p) for p in param_list})
+            first = saves.first_savers({_key(p) for p in param_list}, live) if saves is not None else []
             loss.backward()
             del loss, batch
             live.settle()
@@ -543,6 +562,7 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
     fwd_curve = _curve(live.records, f0, f1)
     bwd_curve = _curve(live.records, min(f1 + 1, b1), b1)  # from the first op after `del out`
     layers = _layer_costs(model, live.records, windows, stack_of, signatures, outputs)
+    saved_where = _SaveLog.summarise(first)  # after ``_layer_costs``, which tells which layer made each storage
     # Release the fake graph and gradients now: a cached profile must not pin them.
     for p in param_list:
         p.grad = None
@@ -563,7 +583,130 @@ def trace(model: Any, cfg: dict[str, Any], spec: Any, device: str, signatures: d
         ),
         loss=loss_bytes,
         recast=tuple(sorted(recast.items())),
+        saved_where=saved_where,
     )
+
+
+def module_paths(model: Any) -> list[str]:
+    """The paths of ``model.named_modules()`` inside its wrappers (``runner.probes.unwrap_model``): the names a
+    run's ``module_tree`` uses (``estimate.modules`` builds its tree from them; the layering keeps the runner's
+    imports here)."""
+    from blipmon.runner.probes import unwrap_model
+
+    root, _wrappers = unwrap_model(model)
+    return [n for n, _m in root.named_modules()]
+
+
+class _SaveLog:
+    """Which modules were running when each tensor was saved: ``runner.probes.ModuleMap``'s view, at every depth.
+
+    The probe keeps one slot (the innermost running module of its tree) per saved tensor; a trace serves every
+    ``runtime.module_depth`` at once, so it keeps the whole chain of running modules (a linked frame, so saving a
+    tensor copies nothing) and ``estimate.modules`` folds it as the probe's hooks at a given depth would have seen
+    it. Module paths are those of the model inside PEFT's wrapper (``probes.unwrap_model``); a wrapper's call is
+    the root's. Activation-checkpointing inputs are noted under the checkpointed module, as ``tracker.note`` does
+    in the probe (``ModuleMap.slot_of``).
+    """
+
+    def __init__(self, model: Any, tracker: Any, handles: list[Any]) -> None:
+        from blipmon.runner.probes import unwrap_model
+
+        root, wrappers = unwrap_model(model)
+        self.names: dict[int, str] = {}
+        for n, m in root.named_modules():
+            self.names.setdefault(id(m), n)
+        for w in wrappers:
+            self.names.setdefault(id(w), "")
+        self.frame: tuple[str, Any] | None = None  # (innermost running module's path, the frame around it)
+        self._outer: list[tuple[str, Any] | None] = []
+        self.entries: list[tuple[Any, tuple[str, Any] | None, str | None]] = []
+        from blipmon.estimate.build import is_stack
+
+        self.inputs: dict[int, str] = {}  # storage key of the hidden state a stacked layer received -> its path
+        hooked: set[int] = set()
+        for n, m in root.named_modules():
+            if is_stack(n, m):
+                for i, layer in enumerate(m):
+                    handles.append(layer.register_forward_pre_hook(self._received(f"{_canonical(n)}.{i}")))
+        for m in [*wrappers, *root.modules()]:
+            if id(m) in hooked:
+                continue
+            hooked.add(id(m))
+            name = self.names[id(m)]
+            handles.append(m.register_forward_pre_hook(self._enter(name)))
+            handles.append(m.register_forward_hook(self._leave))
+        plain_pack, plain_note = tracker._pack, tracker.note
+
+        def pack(x: torch.Tensor) -> torch.Tensor:
+            alias = plain_pack(x)
+            self.entries.append((weakref.ref(alias), self.frame, None))
+            return alias
+
+        def note(t: torch.Tensor, module: Any = None) -> None:
+            plain_note(t, module)
+            noted = self.names.get(id(module)) if module is not None else None
+            self.entries.append((weakref.ref(t), self.frame, noted))
+
+        tracker._pack = pack
+        tracker.note = note
+
+    def _enter(self, name: str) -> Any:
+        def enter(_m: Any, _args: Any) -> None:
+            self._outer.append(self.frame)
+            self.frame = (name, self.frame)
+
+        return enter
+
+    def _leave(self, _m: Any, _args: Any, _out: Any) -> None:
+        self.frame = self._outer.pop() if self._outer else None
+
+    def _received(self, layer: str) -> Any:
+        def received(_m: Any, args: Any) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                self.inputs.setdefault(_key(args[0]), layer)
+
+        return received
+
+    def first_savers(self, exclude: set[int], live: _Live) -> list[tuple[tuple[str, ...], str | None, Any, int]]:
+        """Each live saved storage (``exclude``: parameters) at its first live saver, in the order
+        ``CountingSavedTensorTracker.count`` walks its entries: (running modules, noted by, the stacked layer that
+        received it as its hidden state or its ledger record, bytes)."""
+        seen: set[int] = set()
+        out: list[tuple[tuple[str, ...], str | None, Any, int]] = []
+        chains: dict[int, tuple[str, ...]] = {}
+        for ref, frame, noted in self.entries:
+            t = ref()
+            if t is None:
+                continue
+            k = _key(t)
+            if k in seen or k in exclude:
+                continue
+            seen.add(k)
+            chain = chains.get(id(frame))
+            if chain is None:
+                names: list[str] = []
+                f = frame
+                while f is not None:
+                    names.append(f[0])
+                    f = f[1]
+                chain = chains[id(frame)] = tuple(reversed(names))
+            made = self.inputs.get(k) or live.by_key.get(k)
+            out.append((chain, noted, made, int(t.untyped_storage().nbytes())))
+        return out
+
+    @staticmethod
+    def summarise(
+        first: list[tuple[tuple[str, ...], str | None, Any, int]],
+    ) -> tuple[tuple[tuple[str, ...], str | None, str | None, int], ...]:
+        """``first_savers`` summed per place, once ``_layer_costs`` has told which layer made each storage."""
+        out: dict[tuple[tuple[str, ...], str | None, str | None], int] = {}
+        for chain, noted, made, nbytes in first:
+            layer = made if isinstance(made, str) else None
+            if made is not None and not isinstance(made, str) and made.layer is not None:
+                layer = f"{made.layer[0]}.{made.layer[1]}"
+            where = (chain, noted, layer)
+            out[where] = out.get(where, 0) + nbytes
+        return tuple((*where, n) for where, n in out.items())
 
 
 def _tensors(obj: Any, depth: int = 4) -> Iterator[torch.Tensor]:

@@ -380,3 +380,53 @@ def _bnb_step(name: str, sizes: list[tuple[int, int, Any]], device: str) -> Opti
             best = temps
     maps = BNB_QMAP_BYTES
     return OptimStep("bitsandbytes-cpu", maps + first, sum(best), best, before=maps, outside=0 if any_8bit else maps)
+
+
+@dataclass(frozen=True)
+class ParamBytes:
+    """One parameter's share of the three static categories, by the rules ``analyse`` adds up."""
+
+    name: str  # its path in the model inside the wrappers (PEFT's ``base_model.model.`` dropped)
+    params: int  # its storage as the probe counts it (packed for a quantized weight)
+    grads: int  # its gradient once backward has run (0: frozen, or no gradient reaches it)
+    optim: int  # its optimizer state once the first step has run, as the probe counts it
+
+
+def per_parameter(model: Any, cfg: dict[str, Any], no_grad: frozenset[str]) -> list[ParamBytes]:
+    """Each parameter of the full meta ``model`` with its parameter, gradient and optimizer bytes (issue 12).
+
+    The same rules as ``analyse`` parameter by parameter, so each column adds up to its ``params``, ``grads`` and
+    ``optim`` exactly (``tests/unit/test_predict_modules.py`` holds them to it); tied weights appear once, under
+    the first name ``named_parameters()`` gives, as the probe attributes them. State an optimizer shares between
+    parameters (bitsandbytes' two quantile maps) belongs to the first parameter that holds it: the probe counts a
+    storage at the first parameter of ``optimizer.state`` that has it, and the state is made in parameter order.
+    DeepSpeed's offloaded state is the strategy's, not a parameter's: ``analyse`` and the phases say where it is.
+    """
+    from blipmon.core.modules import canonical_name
+
+    optim = cfg["train"]["optim"]
+    out: list[ParamBytes] = []
+    qmaps_given = False
+    for name, p in model.named_parameters():
+        cls = type(p).__name__
+        n = p.numel()
+        if cls == "Params4bit":
+            stored = (n + 1) // 2 * _itemsize(getattr(p, "quant_storage", None))
+        elif cls == "Int8Params":
+            stored = n
+        else:
+            stored = n * p.element_size()
+        grad = state = 0
+        if p.requires_grad and layer_free_name(name) not in no_grad:
+            grad = n * p.element_size()
+            if optim == "adamw":
+                state = 2 * grad + ADAM_STEP_BYTES
+            elif optim in ("adam_8bit", "paged_adamw_8bit"):
+                state = _bnb_state_bytes(n)
+                if n >= BNB_MIN_8BIT_SIZE and not qmaps_given:
+                    state += BNB_QMAP_BYTES
+                    qmaps_given = True
+            elif optim == "deepspeed_cpu":
+                state = 2 * 4 * n
+        out.append(ParamBytes(canonical_name(name), stored, grad, state))
+    return out
