@@ -2,7 +2,8 @@
 
 A CPU-shaped training run of three steps whose modules are
 ``"" > vision_model > vision_model.encoder``, ``"" > qformer`` and ``"" > language_model >
-language_model.model.decoder`` (the wrapper ``language_model.model`` not recorded, as the writer skips it). Every
+language_model.model.decoder`` (``language_model.model`` not recorded: a tree with a gap, which the views must
+still nest; a real run at depth 2 records ``language_model.model`` and nothing below it). Every
 figure is a whole number of KiB chosen by hand, so tests can state exact expected values:
 
 - params (KiB): root 1000, vision_model 300, its encoder 250, qformer 200, language_model 480, its decoder 400;

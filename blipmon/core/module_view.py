@@ -6,9 +6,11 @@ for every consumer: ``show --modules`` and ``compare --modules`` (text, markdown
 no printing, so the command line and the dashboard cannot disagree about a figure, an order or a depth.
 
 The tree is the recorded one. A module's parent is the longest dotted prefix of its path that was recorded (the
-root ``""`` above the rest), and its depth counts recorded ancestors, so ``language_model.model.decoder``
-recorded under ``language_model`` (the writer skips single-child wrappers) is depth 2, as the recording depth
-counts it: ``--depth 1`` shows the root's children. Children are sorted by their total at the selected
+root ``""`` above the rest), and its depth counts recorded ancestors: the writer records every path down to
+``runtime.module_depth`` dotted levels (``language_model.model`` at the default 2), so depth is that level, and
+``--depth 1`` shows the root's children. A tree with gaps (``language_model.model.decoder`` recorded without
+``language_model.model``, as another writer could leave it) still nests: the decoder is ``language_model``'s
+child, depth 2. Children are sorted by their total at the selected
 boundary, largest first (ties by path, so the order never flickers).
 """
 

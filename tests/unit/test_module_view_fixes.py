@@ -19,6 +19,7 @@ from rich.cells import cell_len
 
 from blipmon import cli
 from blipmon.core.module_view import RowIndex, module_panel
+from blipmon.core.modules import tree_names
 from blipmon.core.report import cells
 from blipmon.core.run import RunData
 from blipmon.ui.widgets.modules import module_lines
@@ -189,3 +190,44 @@ def test_compare_modules_note_names_the_run_by_number_when_names_are_shared(tmp_
     lines = out.splitlines()
     assert lines[0].startswith("modules  compared at 1. step 1 after_fwd · 2. no module figures · 3. step 1 after_fwd;")
     assert lines[1] == "note     no module figures in run 2 (tiny/blip2-opt): attribution off, or a profile before it"
+
+
+# -- --phase alone: the default view's step (docs/modules-cli.md, "Which boundary") ---------------------------------
+
+
+def _boundary_line(capsys: pytest.CaptureFixture[str], run: Path, *args: str) -> str:
+    code, out, err = _cli(capsys, "show", run, "--modules", *args)
+    assert code == 0, err
+    return out.splitlines()[1].split(";")[0]
+
+
+def test_phase_alone_takes_the_default_views_step_else_the_last_step_that_recorded_it(tmp_path: Path, capsys) -> None:
+    # the peak is step 1 after_fwd (module_profiles.py): --phase alone stays at step 1, not the last step (2)
+    plain = mp.write(tmp_path / "plain", mp.events("plain", prediction=False))
+    assert _boundary_line(capsys, plain, "--phase", "before_fwd") == "modules  step 1 before_fwd (as asked)"
+    # step 1 (the peak's) recorded without module figures, and the run ran out of memory in step 2's backward
+    # pass: the default view is the last boundary recorded, step 2 after_fwd; step 2 has no after_bwd, so
+    # --phase after_bwd takes the last step that recorded it, step 0
+    gap = mp.write(tmp_path / "gap", mp.events("gap", prediction=False, oom=True, module_steps={0, 2}))
+    assert _boundary_line(capsys, gap).startswith("modules  step 2 after_fwd (the last boundary recorded:")
+    assert _boundary_line(capsys, gap, "--phase", "before_fwd") == "modules  step 2 before_fwd (as asked)"
+    assert _boundary_line(capsys, gap, "--phase", "after_bwd") == "modules  step 0 after_bwd (as asked)"
+
+
+# -- docs/modules-cli.md says what the recorder records ----------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "modules-cli.md"
+
+
+def test_the_docs_examples_name_only_modules_a_run_records_at_the_default_depth() -> None:
+    """The compare example prints full paths: each must be one ``tree_names`` keeps at the default depth 2 (at most
+    two dotted levels, wrappers like ``language_model.model`` included), as a real run records them."""
+    text = DOC.read_text()
+    block = text[text.index("$ blipmon compare") :]
+    block = block[: block.index("```")]
+    paths = [ln.split()[0] for ln in block.splitlines()[3:] if ln.strip()]
+    assert paths[0] == "(model)" and "language_model.model" in paths
+    for p in paths[1:]:
+        assert tree_names([p], 2) == ["", p], p
+    assert "skips" not in text  # the recorder skips no wrapper
+    assert "`--phase P` alone: phase `P` of **the step the default view shows**" in " ".join(text.split())
