@@ -142,6 +142,7 @@ class Snapshot:
     # Per-module figures (issue 12): the rows recorded so far (a replay: those of the boundaries it has reached),
     # and the prediction the run saved when it started (its ``modules`` are the predicted rows).
     module_rows: Sequence[ModuleRow] = ()
+    modules_unreadable: str | None = None  # per-module records dropped as damaged, in the user's words
     prediction: dict[str, Any] | None = None
     index: PhaseIndex | None = field(default=None, repr=False, compare=False)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -428,6 +429,7 @@ def snapshot_of(
         stall=stall,
         index=index,
         module_rows=Prefix(rows, n_rows),
+        modules_unreadable=run.modules.unreadable(),
         prediction=seen(run.prediction),
     )
 

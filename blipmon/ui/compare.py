@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.cells import cell_len, set_cell_size
 from rich.style import Style
 from rich.text import Text
 from textual import work
@@ -180,13 +181,15 @@ def module_diff_lines(
     else:
         where = " · ".join(f"{i + 1}. {b.label() if b else 'none'}" for i, b in enumerate(bounds))
     rows = [strip([("per module  ", theme.BOLD), (f"at {where}; changes against run 1", theme.DIM)], width)]
-    name_w = min(max((2 * d.depth + len(d.name) for d in diffs), default=8) + 2, max(width // 3, 16))
+    # Names come from a file: made printable before they are measured (a control character becomes two cells,
+    # an escape sequence none), and measured in cells (a wide character takes two).
+    names = [one_line("  " * d.depth + d.name) for d in diffs]
+    name_w = min(max((cell_len(n) for n in names), default=8) + 2, max(width // 3, 16))
     col_w = 12
-    for d in diffs:
+    for d, name in zip(diffs, names, strict=True):
         dim = not d.changed
-        name = "  " * d.depth + d.name
-        name = name if len(name) < name_w else name[: name_w - 2] + "…"
-        parts: list[tuple[str, Style | None]] = [(f"{name:<{name_w}}", theme.DIM if dim else None)]
+        name = name if cell_len(name) < name_w else set_cell_size(name, name_w - 2) + "…"
+        parts: list[tuple[str, Style | None]] = [(set_cell_size(name, name_w), theme.DIM if dim else None)]
         for i in range(len(runs)):
             v = d.value(i, "total")
             color = theme.RUN_COLORS[i % len(theme.RUN_COLORS)]

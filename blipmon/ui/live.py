@@ -311,8 +311,10 @@ class RunScreen(Screen[RunResult]):
         self.refresh_bindings()
 
     def action_no_modules(self) -> None:
-        """``m`` on a run without module figures (yet): say why rather than show an empty view."""
-        self.notify(NO_MODULES, title="modules", timeout=8)
+        """``m`` on a run without module figures (yet): say why rather than show an empty view. Damaged records
+        are said as damage, not as attribution being off."""
+        damaged = self.snapshot.modules_unreadable if self.snapshot is not None else None
+        self.notify(damaged or NO_MODULES, title="modules", timeout=8)
 
     def _redraw_modules(self) -> None:
         if self.snapshot is not None and self.modules_shown:

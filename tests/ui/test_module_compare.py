@@ -92,3 +92,17 @@ def test_module_names_in_the_compare_view_are_text(tmp_path: Path) -> None:
     bounds, diffs = run_module_diffs(runs)
     lines = [s.text for s in module_diff_lines(runs, bounds, diffs, 100)]
     assert any(ln.lstrip().startswith("[b]x[/b]") for ln in lines)
+
+
+def test_hostile_and_wide_module_names_keep_the_columns_aligned(tmp_path: Path) -> None:
+    """A name's width is measured as shown: a control character made visible (two cells), a wide character (two)."""
+    from rich.cells import cell_len
+
+    tree = [*mp.TREE, "qformer.\x01名前", "qformer.\x1b]0;t\x07x"]
+    runs = [load_run(mp.write(tmp_path / n, mp.events(n, tree=tree))) for n in ("a", "b")]
+    bounds, diffs = run_module_diffs(runs)
+    lines = [s.text for s in module_diff_lines(runs, bounds, diffs, 120)][1:]
+    # Every row's first figure ends at the same cell: the name column has one width, whatever the names hold.
+    ends = {cell_len(ln[: ln.index("B") + 1]) for ln in lines}
+    assert len(ends) == 1, lines
+    assert not any("\x01" in ln or "\x1b" in ln or "\x07" in ln for ln in lines)

@@ -198,6 +198,32 @@ def test_a_profile_without_module_records_says_why(tmp_path: Path, clock: Frozen
     assert "no per-module figures: module attribution was off (runtime.module_depth = 0)" in text
 
 
+def test_damaged_module_records_are_said_as_damage_not_as_attribution_off(tmp_path: Path, clock: FrozenClock) -> None:
+    evs = mp.events("damaged")
+    for ev in evs:
+        if ev.get("type") == "modules":
+            ev["acts"] = ev["acts"][:-1]  # one figure short of its tree: every record is dropped
+    run = mp.write(tmp_path / "damaged", evs)
+    app = BlipmonApp(RunScreen(_replay(run, clock)))
+
+    async def script(pilot: Any) -> None:
+        from textual.widgets._toast import Toast
+
+        await pilot.press("m")
+        await wait_until(pilot, lambda: len(pilot.app.screen.query(Toast)) >= 1, "the notification")
+        await pilot.pause()
+        text = " ".join(screen_text(pilot.app).split())
+        assert "unreadable" in text and "may be damaged" in text
+        assert "attribution was off" not in text
+
+    async def main() -> None:
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:
+            await pilot.pause()
+            await script(pilot)
+
+    asyncio.run(main())
+
+
 def test_module_names_are_text_never_markup(tmp_path: Path, clock: FrozenClock) -> None:
     tree = [*mp.TREE, "language_model.[bold red]x[/]", "qformer.\x1b]0;owned\x07q"]
     run = mp.write(tmp_path / "evil", mp.events("evil", tree=tree, prediction=False))
