@@ -145,6 +145,9 @@ def test_estimate_modules_json_and_text(capsys: pytest.CaptureFixture[str]) -> N
     assert mods == rows_json(predict_modules(cfg, device="cpu"))
     code, out = _cli(capsys, "tiny/blip2-opt", *sets, "--json")
     assert code == 0 and "modules" not in json.loads(out)
+    # attribution off for runs (module_depth = 0): asking for modules gives the default depth's tree
+    code, out = _cli(capsys, "tiny/blip2-opt", *sets, "--set", "runtime.module_depth=0", "--modules", "--json")
+    assert code == 0 and json.loads(out)["modules"] == mods
     code, out = _cli(capsys, "tiny/blip2-opt", *sets, "--modules")
     assert code == 0
     head = next(line for line in out.splitlines() if line.startswith("modules  predicted at step 1 "))
