@@ -201,14 +201,20 @@ def _acts_own(
         subtree = [
             (n[len(typical) :], repeated[i]) for i, n in enumerate(names) if n == typical or n.startswith(typical + ".")
         ]
-        copied = 0
+        copies: dict[int, int] = {}
         for j in missing:
             for suffix, b in subtree:
-                k = index.get(f"{c.stack}.{j}{suffix}")
-                own[k if k is not None else holder] += b
-                copied += b
+                k = index.get(f"{c.stack}.{j}{suffix}", holder)
+                copies[k] = copies.get(k, 0) + b
         # What the estimate adds per layer is what the layer made that was saved (by it or the next); the tree
-        # counts what it saved. They agree for a layer between two of its kind; any difference is the stack's.
+        # counts what it saved. They agree for a layer between two of its kind; any difference is the stack's. A
+        # copy larger than the estimate's figure would leave the stack less than its layers: the stack keeps all.
+        copied = sum(copies.values())
+        if copied > more * c.acts:
+            copies = {}
+            copied = 0
+        for k, b in copies.items():
+            own[k] += b
         own[holder] += more * c.acts - copied
     return own
 
