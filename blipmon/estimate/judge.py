@@ -18,9 +18,12 @@ any judged device is over; the *limiting* device is the judged one with the leas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,9 @@ class DeviceJudgement:
     capacity_bytes: int | None = None  # None: not judged (the host of a GPU run without --host-memory)
     capacity_source: str = ""
     what: str = ""  # what the peak is made of, for people
+    # Why the run cannot run on this device as configured, whatever its memory (a load bitsandbytes refuses with
+    # modules on the host, a map accelerate cannot dispatch): its verdict is then "oom" with this reason
+    refused: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -57,7 +63,9 @@ class DeviceJudgement:
     @property
     def verdict(self) -> str | None:
         hr = self.headroom_bytes
-        return None if hr is None else ("fits" if hr >= 0 else "oom")
+        if hr is None:
+            return None
+        return "oom" if self.refused or hr < 0 else "fits"
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,11 @@ class Judgement:
     def device_judgement(self, device: str) -> DeviceJudgement:
         return next(d for d in self.judged if d.device == device)
 
+    @property
+    def refused(self) -> str:
+        """Why the configuration cannot run as configured ("" when it can): the first refused device's reason."""
+        return next((d.refused for d in self.judged if d.refused), "")
+
     def to_json(self) -> dict[str, Any]:
         """The estimate JSON: the estimate's own object, the overall verdict, ``devices`` and ``judged``."""
         data: dict[str, Any] = self.estimate.to_json()
@@ -98,9 +111,12 @@ class Judgement:
         data["devices"] = self.devices
         data["judged"] = {
             d.device: {"capacity_bytes": d.capacity_bytes, "capacity_source": d.capacity_source, "verdict": d.verdict}
+            | ({"refused": d.refused} if d.refused else {})
             for d in self.judged
             if d.capacity_bytes is not None
         }
+        if self.refused:
+            data["refused"] = self.refused
         if self.host_memory is not None:
             data["host_memory_bytes"] = self.host_memory
             data["host_bytes"] = self.host_bytes
@@ -121,6 +137,11 @@ class Judgement:
             )
             if d.capacity_bytes is None:
                 text += ": not judged (give --host-memory to judge the host)"
+            elif d.refused:
+                text += (
+                    f" of {fmt_bytes(d.capacity_bytes)} ({_judged_against(d.capacity_source)}): "
+                    "CANNOT LOAD AS MAPPED, whatever its memory (see the verdict)"
+                )
             else:
                 hr = d.headroom_bytes or 0
                 how = f"{fmt_bytes(hr)} to spare" if hr >= 0 else f"short by {fmt_bytes(-hr)}"
@@ -138,6 +159,9 @@ class Judgement:
 
 
 def _judged_against(source: str) -> str:
+    """The capacity's origin for people: a capacity given on the command line is ``--gpu-memory``'s."""
+    if source == "given":
+        source = "--gpu-memory"
     return source if source.startswith("judged against") else f"judged against {source}"
 
 
@@ -210,12 +234,34 @@ def judge(cfg: dict[str, Any], *, gpu_memory: int | None = None, host_memory: in
         if v is not None and v <= 0:
             raise ConfigError(f"{flag} {v}: expected a positive number of bytes")
     cfg = config_mod.validate(cfg)
-    with ESTIMATE_LOCK:
+    with ESTIMATE_LOCK, _quiet_bitsandbytes():
         if cfg["job"]["kind"] in LOAD_KINDS:
             from blipmon.estimate.load import judge_load
 
             return judge_load(cfg, gpu_memory=gpu_memory, host_memory=host_memory, t0=t0)
         return _judge_train(cfg, gpu_memory, host_memory, t0)
+
+
+# bitsandbytes' CPU backend, when it is first imported on a CPU with AVX512-BF16, asks the ``kernels`` package for
+# a hub kernel and logs the outcome: "Failed to load CPU gemm_4bit_forward from kernels-community ...
+# trust_remote_code" (bitsandbytes.backends.cpu.ops), or offline "Skipping publisher trust check ..."
+# (kernels._internals.hf_hub). An estimate runs no kernel: those two loggers are quieted while one is made
+# (trust_remote_code stays off; their errors still show).
+QUIETED_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+@contextlib.contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    """Only those loggers, only during the estimate, back to their levels after."""
+    logs = [logging.getLogger(name) for name in QUIETED_LOGGERS]
+    old = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, old, strict=True):
+            log.setLevel(level)
 
 
 def _train_gpu(cfg: dict[str, Any]) -> str:
@@ -250,12 +296,15 @@ def _judge_train(cfg: dict[str, Any], gpu_memory: int | None, host_memory: int |
                 _train_gpu(cfg), est.peak_bytes, est.runtime_bytes, est.capacity_bytes, est.capacity_source, "peak"
             )
         )
-        # The host of a GPU training run: the process itself and what DeepSpeed offloads there.
+        # The host of a GPU training run: the process itself, the CUDA runtime's host memory (as for every job kind
+        # on a GPU: load.CUDA_HOST_BYTES) and what DeepSpeed offloads there.
+        from blipmon.estimate.load import CUDA_HOST_BYTES
+
         host_peak = est.host_optim_bytes
         host = DeviceJudgement(
             "cpu",
             host_peak,
-            timeline.CPU_RUNTIME_BYTES,
+            timeline.CPU_RUNTIME_BYTES + CUDA_HOST_BYTES,
             host_memory,
             "--host-memory" if host_memory is not None else "",
             "offloaded optimizer state" if host_peak else "host-side state",
@@ -264,6 +313,9 @@ def _judge_train(cfg: dict[str, Any], gpu_memory: int | None, host_memory: int |
     else:
         host = DeviceJudgement("cpu", est.peak_bytes, est.runtime_bytes, est.capacity_bytes, est.capacity_source)
         judged.append(host)
+        if gpu_memory is not None and cfg["model"]["device_map"] == "cpu":
+            note = "--gpu-memory is not used: model.device_map = 'cpu' runs everything on the host"
+            est = dataclasses.replace(est, notes=(*est.notes, note))
     return conclude(est, judged, est.device, gpu_memory, host_memory, t0, est.notes)
 
 
@@ -281,7 +333,8 @@ def conclude(
     if not rated:
         raise ConfigError("nothing to judge: no device of this run has a known capacity")
     verdict = "oom" if any(d.verdict == "oom" for d in rated) else "fits"
-    limiting = min(rated, key=lambda d: d.headroom_bytes or 0)
+    refused = [d for d in rated if d.refused]
+    limiting = refused[0] if refused else min(rated, key=lambda d: d.headroom_bytes or 0)
     first = next((d for d in judged if d.device.startswith("cuda")), None) if main == "cuda" else None
     lead = first or next(d for d in judged if d.device == "cpu")
     host = next((d for d in judged if d.device == "cpu"), None)

@@ -19,8 +19,17 @@ few decisions it needs are restated here, and ``tests/unit/test_estimate_load.py
   (``architectures.build.build_random``: every parameter straight on its device) or, where accelerate must place
   them (a table, ``auto`` on a GPU), saved once as a bfloat16 snapshot and loaded like a checkpoint; making the
   snapshot holds the whole model in bfloat16 on the host, once per machine;
-- **what runs on the GPU when modules sit on the host** (accelerate's ``dispatch_model``): a module mapped to
-  ``cpu`` beside GPU modules runs on the first GPU; its hook copies the whole block's weights there for its forward.
+- **what runs on the GPU when modules sit on the host** (accelerate 1.16's ``dispatch_model``, which transformers
+  calls for a map with several devices): a module mapped to ``cpu`` beside GPU modules is *offloaded*, not run on the
+  CPU. Its execution device is the first GPU; ``attach_align_device_hook`` puts an ``AlignDevicesHook(offload=True)``
+  on every module below the map key that has tensors of its own, whose ``pre_forward`` copies just that module's own
+  parameters to the GPU and whose ``post_forward`` sets them back to the meta device. So the GPU holds one module's
+  weights at a time (with those of its offloaded ancestors, whose forward is still running: ``offload_stream_bytes``),
+  the host keeps the weights (the hooks' weights map references the loaded tensors), and the offloaded modules'
+  buffers and the root module's own host-mapped tensors (BLIP-2's ``query_tokens``: the root's non-offloading hook)
+  move to the GPU for good. A map whose ``""`` entry is ``cpu`` beside GPU entries cannot be dispatched (the root's
+  offloading hook sets every tensor to meta, then the GPU module's hook cannot move them: ``ValueError``), and
+  bitsandbytes (8-bit and 4-bit alike) refuses any map mixing the host and a GPU.
 
 ``generate`` adds the batch's working memory on the device that runs it (``runner.generate``: ``batch_size``
 images, the query tokens as the prompt, ``min(data.max_length, 30)`` new tokens): the key/value cache at full
@@ -397,7 +406,7 @@ class LoadEstimate:
         from blipmon.core.units import fmt_bytes
 
         if lim.device != "cpu" and not self.gpu_ok:
-            return f"{lim.device}: {self.gpu_problem}"
+            return f"{lim.device} cannot load as mapped: {self.gpu_problem}"
         d = self.device(lim.device)
         what = "host RAM" if lim.device == "cpu" else lim.device
         return f"{what} in the {d.phase} phase, short by {fmt_bytes(-(lim.headroom_bytes or 0))}"
@@ -407,7 +416,7 @@ def _placement_summary(placement: dict[str, str]) -> list[str]:
     """Per device, the map entries placed there: a few names, then how many more."""
     by: dict[str, list[str]] = {}
     for k, v in placement.items():
-        by.setdefault(v, []).append(k or "(whole model)")
+        by.setdefault(v, []).append(k or ("(whole model)" if len(placement) == 1 else "the rest"))
     out = []
     for dev, keys in by.items():
         more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
@@ -573,7 +582,9 @@ def estimate_load(
     path = weights_path(cfg)
     if dm_is_auto_on_gpu(m["device_map"], gpus) and path == "random":
         path = "snapshot"  # accelerate places it: the runner loads a saved random snapshot
-    model = model_tensors(m["id"], untie=path != "snapshot")
+    # Heads untied as the real checkpoint stores them, on every path: a random snapshot must hold what the
+    # checkpoint holds (runner.models._save_random gives the untied head its own values, or from_pretrained re-ties it)
+    model = model_tensors(m["id"])
     dtype, quant = m["dtype"], m["quantization"]
     dm = m["device_map"]
     cuda = gpus > 0 and dm != "cpu"
@@ -619,8 +630,19 @@ def estimate_load(
         for t in model.tensors
     }
     loading_at = {n: ("cpu" if move_after else d) for n, d in final.items()}
+    dispatched = len(set(table.values())) > 1 and any(v != "cpu" for v in table.values())
+    if dispatched:
+        # dispatch_model moves what no offloading hook streams to its module's execution device for good: buffers of
+        # offloaded modules (offload_buffers is off) and host-mapped tensors outside an offloaded module (the root's
+        # own parameters, e.g. query_tokens). Loaded where the map says, moved at the end of from_pretrained.
+        main_gpu = sorted((v for v in table.values() if v != "cpu"), key=lambda d: int(d.split(":")[1]))[0]
+        for t in model.tensors:
+            if final[t.name] == "cpu" and (t.buffer or _offloaded_module_key(t.name, table, model) is None):
+                final[t.name] = _execution_device(t.name, table, model, main_gpu)
     gpu_names = sorted({d for d in final.values() if d != "cpu"}, key=lambda s: int(s.split(":")[1]))
     names = [*gpu_names, "cpu"]
+    moved = {n: sum(t.nbytes(dtype, quant) for t in model.tensors if loading_at[t.name] == "cpu" and final[t.name] == n)
+             for n in gpu_names} if dispatched else dict.fromkeys(gpu_names, 0)  # fmt: skip
 
     def nbytes(t: Tensor) -> int:
         return t.nbytes(dtype, quant)
@@ -677,7 +699,7 @@ def estimate_load(
             else:
                 load[at] += size
         for n in gpu_names:
-            load[n] += q_transient if quant != "none" else 0
+            load[n] += (q_transient if quant != "none" else 0) + moved[n]
         load["cpu"] = max(snapshot, copies + file_pages)
         host_after = 0 if move_after else copies
         if move_after:
@@ -691,13 +713,8 @@ def estimate_load(
         work = generate_bytes(model, cfg, compute_dtype(cfg, model))
         acts[runs_on] = work
         if runs_on != "cpu" and final_has_host_modules(final):
-            # accelerate copies a host-mapped block's weights to the GPU for its forward, block by block
-            blocks: dict[str, int] = {}
-            for t in params:
-                if final[t.name] == "cpu":
-                    key = _owner(t.name, table) or ""
-                    blocks[key] = blocks.get(key, 0) + nbytes(t)
-            transient[runs_on] = max(blocks.values(), default=0)
+            # accelerate copies an offloaded module's own weights to the GPU for its forward, module by module
+            transient[runs_on] = offload_stream_bytes(model, table, final, dtype, quant)
         for n in names:
             resident = placed[n] + bufs[n] if n != "cpu" else host_after + host_mapped
             gen[n] = resident + acts[n] + transient[n]
@@ -708,11 +725,37 @@ def estimate_load(
         )
     # -- problems the load would meet
     gpu_ok, problem = True, ""
-    if quant == "8bit" and gpu_names and placed["cpu"]:
+    values = set(table.values())
+    host_keys = [k for k, v in table.items() if v == "cpu"]
+    if quant != "none" and values != {"cpu"} and "cpu" in values:
+        # transformers' Bnb8BitHfQuantizer/Bnb4BitHfQuantizer.validate_environment, before anything loads: a map
+        # (written, or inferred by "auto") mixing the host and a GPU is a ValueError without
+        # llm_int8_enable_fp32_cpu_offload, which blipmon does not set
         gpu_ok = False
+        bits = "8-bit" if quant == "8bit" else "4-bit"
+        shown = _keys_text(host_keys)
+        if isinstance(dm, dict):
+            problem = (
+                f"transformers refuses {'an' if bits == '8-bit' else 'a'} {bits} load whose model.device_map puts {shown} on the host beside a GPU "
+                "(bitsandbytes: 'Some modules are dispatched on the CPU or the disk'; blipmon does not set "
+                f"llm_int8_enable_fp32_cpu_offload): map every module to the GPU, or load {m['id']} unquantized"
+            )
+        else:
+            problem = (
+                f"transformers refuses this {bits} load: device_map = 'auto' would put {shown} on the host "
+                f"({_fmt(placed['cpu'])} that does not fit the GPU beside the rest), and bitsandbytes refuses modules "
+                "on the CPU beside a GPU (llm_int8_enable_fp32_cpu_offload is off)"
+            )
+        notes.append(problem)
+    elif isinstance(dm, dict) and table.get("") == "cpu" and values != {"cpu"}:
+        # accelerate's attach_align_device_hook_on_blocks: the "" entry's offloading hooks set every tensor of the
+        # model to meta, then a GPU entry's hook must move meta tensors: "weight is on the meta device"
+        gpu_ok = False
+        gpu_keys = _keys_text([k for k, v in table.items() if v != "cpu"])
         problem = (
-            "bitsandbytes refuses an 8-bit load with modules on the host (llm_int8_enable_fp32_cpu_offload is off): "
-            f"the quantized model does not fit the GPU ({_fmt(placed['cpu'])} left for the host)"
+            f"accelerate cannot dispatch this model.device_map: its '' = 'cpu' entry offloads every module, {gpu_keys} "
+            "included, and dispatch_model then fails moving them to the GPU (ValueError: 'weight is on the meta "
+            "device'): name the modules that go to the host instead of ''"
         )
         notes.append(problem)
     if path == "checkpoint" and fdtype != dtype and quant == "none":
@@ -765,6 +808,65 @@ def estimate_load(
         seconds=time.perf_counter() - t0,
         overheads=overheads,
     )
+
+
+def _keys_text(keys: list[str]) -> str:
+    """Map keys for a sentence: a few names, then how many more ("" is the rest of the model)."""
+    from blipmon.core.safe_text import one_line
+
+    shown = [one_line(k) if k else "the rest of the model" for k in keys[:4]]
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    return ", ".join(shown) + more
+
+
+def _offloaded_module_key(name: str, table: dict[str, str], model: Model) -> str | None:
+    """The host-mapped *module* key whose offloading hooks stream ``name``'s module, or None.
+
+    accelerate puts offloading hooks on the modules below a key that names a module mapped to the host; a key that
+    names a lone parameter gets no hook of its own (its module's hook places it)."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    best = None
+    for k in table:
+        covers = (k == "" or module == k or module.startswith(k + ".")) and (k == "" or k in model.modules)
+        if covers and (best is None or len(k) > len(best)):
+            best = k
+    return best if best is not None and table[best] == "cpu" else None
+
+
+def _execution_device(name: str, table: dict[str, str], model: Model, main_gpu: str) -> str:
+    """Where a tensor no offloading hook streams ends up after dispatch: its module's execution device."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    best = None
+    for k in table:
+        covers = (k == "" or module == k or module.startswith(k + ".")) and (k == "" or k in model.modules)
+        if covers and (best is None or len(k) > len(best)):
+            best = k
+    dev = table.get(best, "cpu") if best is not None else "cpu"
+    return main_gpu if dev == "cpu" else dev
+
+
+def offload_stream_bytes(model: Model, table: dict[str, str], final: dict[str, str], dtype: str, quant: str) -> int:
+    """The largest set of offloaded weights on the GPU at once during a forward (accelerate's offloading hooks).
+
+    Each module below a host-mapped key that has parameters of its own gets a hook that copies them to the GPU in
+    ``pre_forward`` and frees them in ``post_forward``; a child's forward runs inside its parent's, so while the
+    deepest module runs, its own weights and those of every offloaded ancestor with weights are there. The peak is
+    the largest such chain (one Linear of the vision tower's MLP for BLIP-2, not the whole tower)."""
+    own: dict[str, int] = {}
+    for t in model.tensors:
+        if t.buffer or final[t.name] != "cpu":
+            continue
+        key = _offloaded_module_key(t.name, table, model)
+        if key is None:
+            continue
+        module = t.name.rsplit(".", 1)[0] if "." in t.name else ""
+        own[module] = own.get(module, 0) + t.nbytes(dtype, quant)
+    best = 0
+    for module in own:
+        parts = module.split(".") if module else []
+        chain = own.get("", 0) + sum(own.get(".".join(parts[:i]), 0) for i in range(1, len(parts) + 1))
+        best = max(best, chain)
+    return best
 
 
 def dm_is_auto_on_gpu(dm: Any, gpus: int) -> bool:
@@ -849,7 +951,11 @@ def generate_bytes(model: Model, cfg: dict[str, Any], dtype: str) -> int:
 
 def judge_load(cfg: dict[str, Any], *, gpu_memory: int | None, host_memory: int | None, t0: float) -> Any:
     """``judge`` for load and generate jobs: every GPU against its capacity, the host against ``--host-memory``
-    (or the memory available now, when the job runs on the CPU)."""
+    (or the memory available now, when the job runs on the CPU). A load that cannot run as mapped (bitsandbytes
+    with modules on the host, a map accelerate cannot dispatch) is refused on its GPU with the reason, judged
+    against the capacity as given."""
+    import dataclasses
+
     from blipmon.estimate import judge as judge_mod
     from blipmon.estimate import timeline
 
@@ -871,6 +977,9 @@ def judge_load(cfg: dict[str, Any], *, gpu_memory: int | None, host_memory: int 
     est = estimate_load(cfg, gpus=gpus, gpu_cap=capacity, host_cap=host_memory or avail, local_gpu=local)
     if device is None and capacity is not None and source is None:
         source = "given"
+    if dm == "cpu" and gpu_memory is not None:
+        note = "--gpu-memory is not used: model.device_map = 'cpu' loads and runs everything on the host"
+        est = dataclasses.replace(est, notes=(*est.notes, note))
     judged = []
     for d in est.devices:
         if d.device == "cpu":
@@ -884,9 +993,9 @@ def judge_load(cfg: dict[str, Any], *, gpu_memory: int | None, host_memory: int 
         else:
             cap, src = capacity, source or "given"
             what = "peak"
-            if not est.gpu_ok:
-                cap = min(cap or 0, d.peak + d.runtime - 1)  # it cannot load as placed: judged short
-        judged.append(judge_mod.DeviceJudgement(d.device, d.peak, d.runtime, cap, src, what))
+        # A load that cannot run as mapped is refused on its first GPU, against the capacity as given
+        refused = est.gpu_problem if not est.gpu_ok and d.device == est.main and d.device != "cpu" else ""
+        judged.append(judge_mod.DeviceJudgement(d.device, d.peak, d.runtime, cap, src, what, refused))
     return judge_mod.conclude(
         est, judged, "cuda" if est.main != "cpu" else "cpu", gpu_memory, host_memory, t0, est.notes
     )

@@ -37,9 +37,10 @@ def test_a_gpu_run_has_the_estimates_figures_and_a_line_per_device() -> None:
     assert j.capacity_bytes == 24 * GIB and j.capacity_source == "given"
     assert j.headroom_bytes == est.headroom_bytes == 24 * GIB - est.runtime_bytes - est.peak_bytes
     assert j.limiting_device == "cuda:0"
-    # the GPU's peak with its overheads; the host holds the interpreter (nothing offloaded), unjudged
-    assert j.devices == {"cuda:0": est.peak_bytes + est.overheads.total, "cpu": timeline.CPU_RUNTIME_BYTES}
-    assert j.host_bytes == timeline.CPU_RUNTIME_BYTES
+    # the GPU's peak with its overheads; the host holds the interpreter and the CUDA runtime's host memory (420 MiB
+    # + 1 GiB, the rule of every job kind on a GPU), nothing offloaded, unjudged
+    assert j.devices == {"cuda:0": est.peak_bytes + est.overheads.total, "cpu": 420 * MIB + 1024 * MIB}
+    assert j.host_bytes == 420 * MIB + 1024 * MIB
     data = j.to_json()
     assert data["devices"] == j.devices
     assert data["judged"] == {"cuda:0": {"capacity_bytes": 24 * GIB, "capacity_source": "given", "verdict": "fits"}}
@@ -68,7 +69,7 @@ def test_gpu_memory_makes_auto_and_cpu_first_gpu_runs() -> None:
 
 def test_the_host_limits_a_gpu_run_when_host_memory_is_short() -> None:
     cfg = tiny("model.device_map=cuda")
-    host_need = timeline.CPU_RUNTIME_BYTES  # tiny training on a GPU: the host holds the interpreter only
+    host_need = 420 * MIB + 1024 * MIB  # tiny training on a GPU: the interpreter and the CUDA runtime's host memory
     j = judge(cfg, gpu_memory=24 * GIB, host_memory=host_need - MIB)
     assert j.verdict == "oom" and j.limiting_device == "cpu"
     assert j.headroom_bytes == -MIB
