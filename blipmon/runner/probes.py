@@ -15,10 +15,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter, call, is_, is_not
+from types import TracebackType
 from typing import Any
 
 import psutil
@@ -35,6 +39,71 @@ def _key(t: torch.Tensor) -> tuple[_Key, int, bool]:
     st = t.untyped_storage()
     dev = t.get_device()
     return (dev, st.data_ptr()), st.nbytes(), dev >= 0
+
+
+# -- counting without a Python call per tensor ---------------------------------------------------------------------
+# A boundary that is not recorded in full needs only totals. These helpers get them through C-level iteration
+# (``map``/``filter``/``zip`` over torch's own methods, ``dict`` for uniqueness), so the interpreter runs no bytecode
+# per tensor: on the tiny model a Python-level loop over 113 gradients and 340 optimizer tensors at each boundary
+# was most of the probe's cost (benchmarks/overhead.py, docs/modules.md "What it costs").
+_grad_of = attrgetter("grad")
+_not_none = partial(is_not, None)
+_is_tensor = partial(type.__instancecheck__, torch.Tensor)  # isinstance without a Python frame, metaclass-free
+_storage_of = torch.Tensor.untyped_storage
+_device_of = torch.Tensor.get_device
+_storage_ptr = torch.UntypedStorage.data_ptr
+_storage_nbytes = torch.UntypedStorage.nbytes
+
+
+def _keys_and_sizes(tensors: list[torch.Tensor]) -> tuple[list[_Key], list[int]]:
+    """Each tensor's storage key and storage size, in order (C-level iteration)."""
+    storages = list(map(_storage_of, tensors))
+    keys = list(zip(map(_device_of, tensors), map(_storage_ptr, storages), strict=True))
+    return keys, list(map(_storage_nbytes, storages))
+
+
+def _unique_totals(keys: Sequence[_Key], sizes: Sequence[int], exclude: set[_Key] | None = None) -> tuple[int, int]:
+    """(total, on CUDA) of the unique storages among ``keys``, each at the size of its first occurrence (the rule
+    of ``StorageCounter.count``), ``exclude`` left out."""
+    first = dict(zip(reversed(keys), reversed(sizes), strict=True))  # a later duplicate never overwrites the first
+    if exclude:
+        for k in exclude.intersection(first):
+            del first[k]
+    total = sum(first.values())
+    if not first or max(first)[0] < 0:  # keys sort by device first: the largest is on the CPU, so every one is
+        return total, 0
+    return total, sum(n for (dev, _ptr), n in first.items() if dev >= 0)
+
+
+class _SameTensors:
+    """Whether a list of tensors holds the very objects (in order) that the last count saw: then the count stands.
+
+    Gradients between backward and ``zero_grad``, and an optimizer's state tensors (updated in place) are the same
+    objects boundary after boundary; a tensor object keeps its storage (the ``StorageCounter`` rule). Weak
+    references: the check never keeps a freed gradient alive, and a dead one never matches."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref[torch.Tensor]] = []
+        self.result: tuple[int, int] | None = None
+
+    def same(self, tensors: list[torch.Tensor]) -> bool:
+        refs = self._refs
+        return self.result is not None and len(refs) == len(tensors) and all(map(is_, tensors, map(call, refs)))
+
+    def remember(self, tensors: list[torch.Tensor], result: tuple[int, int]) -> tuple[int, int]:
+        self._refs = list(map(weakref.ref, tensors))
+        self.result = result
+        return result
+
+    def count(self, tensors: list[torch.Tensor]) -> tuple[int, int]:
+        """(total, on CUDA) of the unique storages behind ``tensors``, recounted only when they changed."""
+        if self.same(tensors):
+            assert self.result is not None
+            return self.result
+        return self.remember(tensors, _unique_totals(*_keys_and_sizes(tensors)))
+
+    def forget(self) -> None:
+        self._refs, self.result = [], None
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[_Key] | None = None) -> tuple[int, int]:
@@ -298,56 +367,80 @@ class SavedTensorTracker:
         self._refs = live
 
 
+def _live(refs: list[weakref.ref[torch.Tensor]]) -> tuple[list[torch.Tensor], list[bool] | None]:
+    """The tensors of ``refs`` still alive, and which entries those are (None: all of them), by C-level passes.
+
+    ``is not None`` through ``operator.is_not``: ``list.count(None)`` would compare each tensor with ``==``, an op.
+    """
+    alive = list(map(call, refs))
+    keep = list(map(is_not, alive, itertools.repeat(None)))
+    if all(keep):
+        return alive, None
+    return list(itertools.compress(alive, keep)), keep
+
+
 class CountingSavedTensorTracker(SavedTensorTracker):
-    """A tracker for real tensors that keys each storage when it is saved, so a boundary only asks which live.
+    """A tracker for real tensors that counts, at a boundary, the storages of the saved tensors still alive.
 
-    At the boundary after forward every saved tensor is new, so keying them there cost a cache fill each
-    (most of the probe's time on a small model); the pack hook already holds the tensor. The estimator keeps the
-    plain tracker: fake tensors have no storage address to key.
+    The hook does the least it can per saved tensor: a parameter (or a view of one: a linear saves
+    ``weight.t()``, a third of a forward's saves) is saved as it is, never an activation; any other tensor is
+    saved as a detached alias the tracker references weakly. A boundary asks which aliases live and keys their
+    storages in C-level passes (``_keys_and_sizes``, ``_unique_totals``), so no Python code runs per tensor
+    there. The estimator keeps the plain tracker: fake tensors have no storage address to key.
 
-    With a ``ModuleMap`` attached (``where``), each saved tensor also remembers the module running when it was
-    saved (one attribute read in the hook: the map keeps the innermost module's slot current), so a boundary can
-    split the activations by module at no extra cost per tensor.
+    With a ``ModuleMap`` attached (``where``, set by the probe on the steps it records in full), each saved tensor
+    also remembers the module running when it was saved (one attribute read in the hook: the map keeps the
+    innermost module's slot current), so a boundary can split the activations by module.
 
-    The hooks run inside the user's forward, so they never raise: a tensor whose storage cannot be read (sparse,
-    a wrapper subclass) is remembered as a failure that ``count`` raises at the next boundary, where the callers
-    turn it into "phase recording stopped". A storage resized after it was saved (FSDP frees them with
-    ``resize_(0)``) keeps its size at save time: blipmon's own strategies never do that.
+    The hooks run inside the user's forward, so they never raise: a tensor that is not a plain strided tensor
+    (sparse, a subclass) is keyed when it is saved, and one whose storage cannot be read is remembered as a
+    failure that ``count`` raises at the next boundary, where the callers turn it into "phase recording stopped".
+    Sizes are the storages' at the boundary (a storage freed with ``resize_(0)`` counts 0), except for those
+    keyed when saved.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._entries: list[tuple[weakref.ref[torch.Tensor], _Key, int, bool, int]] = []
+        # Saved aliases, oldest first: without a module slot (a step not recorded in full), with one, and the few
+        # keyed when saved (weak reference, storage key, storage bytes, slot). Each object the hook keeps counts
+        # towards the cyclic GC's next collection: one weak reference per tensor on most steps.
+        self._wrefs: list[weakref.ref[torch.Tensor]] = []
+        self._slotted: list[tuple[weakref.ref[torch.Tensor], int]] = []
+        self._keyed: list[tuple[weakref.ref[torch.Tensor], _Key, int, int]] = []
+        # Parameters (by id: the probe holds them, so an id is never reused) are saved as they are: their storages
+        # are never activations.
+        self.param_ids: frozenset[int] = frozenset()
         self.failure: str | None = None
         self.where: ModuleMap | None = None
 
     def _add(self, t: torch.Tensor, slot: int) -> None:
+        if type(t) is torch.Tensor and t.layout is torch.strided:
+            self._slotted.append((weakref.ref(t), slot))
+            return
         try:
-            self._entries.append((weakref.ref(t), *_key(t), slot))
+            st = t.untyped_storage()
+            self._keyed.append((weakref.ref(t), (t.get_device(), st.data_ptr()), st.nbytes(), slot))
         except Exception as e:  # noqa: BLE001 - reported at the boundary, never inside the forward
             if self.failure is None:
                 self.failure = f"cannot read the storage of a saved {type(t).__name__} ({type(e).__name__}: {e})"
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        # ``_add`` and ``_key`` inlined: this runs for every tensor saved in every forward (a Python call and a
-        # tuple less per tensor is a tenth of the hook's time).
+        # This runs for every tensor saved in every forward: the common path is a few attribute reads, a detach,
+        # a weak reference and an append.
+        params = self.param_ids
+        try:
+            if id(t) in params or id(t._base) in params:  # a parameter, or a view of one (a linear's ``weight.t()``)
+                return t
+        except Exception:  # noqa: BLE001, S110 - a subclass without ``_base``: an activation like any other
+            pass
         alias = t.detach()
         where = self.where
-        try:
-            st = alias.untyped_storage()
-            dev = alias.get_device()
-            self._entries.append(
-                (
-                    weakref.ref(alias),
-                    (dev, st.data_ptr()),
-                    st.nbytes(),
-                    dev >= 0,
-                    -1 if where is None else where.current,
-                )
-            )
-        except Exception as e:  # noqa: BLE001 - reported at the boundary, never inside the forward
-            if self.failure is None:
-                self.failure = f"cannot read the storage of a saved {type(t).__name__} ({type(e).__name__}: {e})"
+        if type(alias) is not torch.Tensor or alias.layout is not torch.strided:
+            self._add(alias, -1 if where is None else where.current)
+        elif where is None:
+            self._wrefs.append(weakref.ref(alias))
+        else:
+            self._slotted.append((weakref.ref(alias), where.current))
         return alias
 
     def note(self, t: torch.Tensor, module: Any = None) -> None:
@@ -355,35 +448,63 @@ class CountingSavedTensorTracker(SavedTensorTracker):
         self._add(t, -1 if where is None else where.slot_of(module))
 
     def alive(self) -> Iterator[torch.Tensor]:
-        for r, *_ in self._entries:
+        for r in itertools.chain(self._wrefs, (e[0] for e in self._slotted), (e[0] for e in self._keyed)):
             t = r()
             if t is not None:
                 yield t
+
+    def _live_entries(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The live plain aliases and their slots (-1: none), oldest first; dead entries are dropped."""
+        tensors: list[torch.Tensor] = []
+        slots: list[int] = []
+        if self._wrefs:
+            tensors, keep = _live(self._wrefs)
+            if keep is not None:
+                self._wrefs = list(itertools.compress(self._wrefs, keep))
+            slots = [-1] * len(tensors)
+        if self._slotted:
+            refs, saved_slots = zip(*self._slotted, strict=True)
+            alive, keep = _live(list(refs))
+            if keep is not None:
+                self._slotted = list(itertools.compress(self._slotted, keep))
+                saved_slots = tuple(itertools.compress(saved_slots, keep))
+            tensors += alive
+            slots += saved_slots
+        return tensors, slots
 
     def count(self, exclude: set[_Key], own: list[int] | None = None) -> tuple[int, int]:
         """(total bytes, bytes on CUDA) of the unique live saved storages, ``exclude`` (parameters) left out.
 
         ``own``: each storage's bytes are also added to the slot of the module that saved it first (the root's,
-        0, for one saved outside every module)."""
+        0, for one saved outside every module). Without it the count runs no Python code per tensor."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
+        tensors, slots = self._live_entries()
+        try:
+            keys, sizes = _keys_and_sizes(tensors)
+        except Exception as e:  # noqa: BLE001 - a tensor changed since it was saved: stop recording, clearly
+            self.failure = f"cannot read the storage of a saved tensor ({type(e).__name__}: {e})"
+            raise RuntimeError(self.failure) from e
+        if self._keyed:
+            self._keyed = [e for e in self._keyed if e[0]() is not None]
+            for _ref, k, n, slot in self._keyed:
+                keys.append(k)
+                sizes.append(n)
+                slots.append(slot)
+        if not keys:
+            return 0, 0
+        if own is None:
+            return _unique_totals(keys, sizes, exclude)
         seen: set[_Key] = set()
-        live = []
         total = on_cuda = 0
-        for entry in self._entries:
-            if entry[0]() is None:
-                continue
-            live.append(entry)
-            k = entry[1]
+        for k, n, slot in zip(keys, sizes, slots, strict=True):
             if k in seen or k in exclude:
                 continue
             seen.add(k)
-            total += entry[2]
-            if own is not None:
-                own[entry[4]] += entry[2]
-            if entry[3]:
-                on_cuda += entry[2]
-        self._entries = live
+            total += n
+            own[slot] += n
+            if k[0] >= 0:
+                on_cuda += n
         return total, on_cuda
 
 
@@ -408,6 +529,10 @@ def unwrap_model(model: Any) -> tuple[Any, list[Any]]:
     return model, wrappers
 
 
+# The frames of ``nn.Module.__call__`` in a traceback: their ``self`` is the module being called.
+_CALL_FRAMES = frozenset({"_call_impl", "_wrapped_call_impl"})
+
+
 class ModuleMap:
     """Which module of the model's tree each tensor belongs to, and which module is running now (issue 12).
 
@@ -422,6 +547,12 @@ class ModuleMap:
     backward reaches that module: an out-of-memory error in backward names the module whose backward was entered
     last. ``current`` is ``-1`` outside every module: the probe's slot lists have one more entry at the end,
     which the boundary folds into the root's.
+
+    The hooks are needed only on the steps the probe records in full: ``detach`` removes them (a module without
+    hooks takes ``nn.Module``'s fast call path) and ``attach`` puts them back. While detached, ``running`` reads
+    the module from an exception's traceback instead (``running_in``): exact in forward, where every module
+    called is a frame; in backward only a recomputed (activation-checkpointed) layer is, so an out-of-memory
+    error in the backward of such a step names no module.
     """
 
     def __init__(self, model: Any, depth: int) -> None:
@@ -436,6 +567,9 @@ class ModuleMap:
         self._module_slot: dict[int, int] = {}
         for n, m in named:
             self._module_slot.setdefault(id(m), owner_index(self.names, n, index))
+        self._call_slot = dict(self._module_slot)  # what a traceback's module calls map to: the wrappers too
+        for w in wrappers:
+            self._call_slot.setdefault(id(w), 0)
         self.param_slot: dict[int, int] = {}
         for n, prm in root.named_parameters():
             self.param_slot.setdefault(id(prm), owner_index(self.names, n, index))
@@ -444,13 +578,15 @@ class ModuleMap:
         self._stack: list[int] = []
         self._claimed: set[int] = set()
         self._handles: list[Any] = []
+        # What ``attach`` hooks: (module, slot, whether it is below the tree).
+        self._specs: list[tuple[Any, int, bool]] = []
         by_name = dict(named)
         hooked: set[int] = set()
         for w in [*wrappers, root]:  # a wrapper calls the model's forward directly (PEFT): its call is the root's
-            self._hook(w, 0, hooked)
+            self._spec(w, 0, hooked)
         for i, n in enumerate(self.names):
             if i:
-                self._hook(by_name[n], i, hooked)
+                self._spec(by_name[n], i, hooked)
         # One level below the tree too, under its parent's slot: a model may call a grandchild directly
         # (``OPTForCausalLM`` runs ``self.model.decoder``, never ``self.model``), and its work is still its
         # ancestor's.
@@ -459,19 +595,24 @@ class ModuleMap:
         self._skipping: set[int] = set()  # frontier modules seen running outside their tree parent
         for n, m in named:
             if n and n.count(".") == depth:
-                start = len(self._handles)
-                self._hook(m, self._module_slot[id(m)], hooked, frontier=True)
-                self._frontier[id(m)] = self._handles[start:]
+                self._spec(m, self._module_slot[id(m)], hooked, frontier=True)
         self._forwards = 0
         self._on_backward = [self._backward_setter(i) for i in range(len(self.names))]
+        self.attached = False
+        self.attach()
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def _hook(self, module: Any, slot: int, hooked: set[int], *, frontier: bool = False) -> None:
+    def _spec(self, module: Any, slot: int, hooked: set[int], *, frontier: bool = False) -> None:
         if id(module) in hooked:
             return
         hooked.add(id(module))
+        self._specs.append((module, slot, frontier))
+        if frontier:
+            self._frontier[id(module)] = []
+
+    def _hook(self, module: Any, slot: int, *, frontier: bool = False) -> list[Any]:
         key = id(module)
 
         def enter(_m: Any, _args: Any) -> None:
@@ -486,8 +627,31 @@ class ModuleMap:
             if torch.is_grad_enabled():
                 self._watch_backward(out, slot)
 
-        self._handles.append(module.register_forward_pre_hook(enter))
-        self._handles.append(module.register_forward_hook(leave))
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def attach(self) -> None:
+        """Hook the tree's modules (and the frontier below it that ``prune`` kept); a no-op when attached."""
+        if self.attached:
+            return
+        for module, slot, frontier in self._specs:
+            if frontier and id(module) not in self._frontier:
+                continue  # pruned: it only ever ran inside its tree parent
+            handles = self._hook(module, slot, frontier=frontier)
+            self._handles.extend(handles)
+            if frontier:
+                self._frontier[id(module)] = handles
+        self.attached = True
+
+    def detach(self) -> None:
+        """Remove every hook (until ``attach``): the steps not recorded in full run the model as if unwatched."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for key in self._frontier:
+            self._frontier[key] = []
+        self.attached = False
+        self.current = -1
+        self._stack.clear()
 
     def _backward_setter(self, slot: int) -> Callable[..., None]:
         def entered(_grads: Any) -> None:
@@ -537,14 +701,35 @@ class ModuleMap:
                     h.remove()
                 del self._frontier[key]
 
-    def running(self) -> str | None:
-        """The innermost module running (its tree path), None outside every module."""
+    def running(self, exc: BaseException | None = None) -> str | None:
+        """The innermost module running (its tree path), None outside every module.
+
+        Detached (a step not recorded in full), the module comes from the traceback of ``exc`` (default: the
+        exception being handled, ``sys.exc_info()``), see ``running_in``."""
+        if not self.attached:
+            return self.running_in(exc if exc is not None else sys.exc_info()[1])
         return self.names[self.current] if 0 <= self.current < len(self.names) else None
 
+    def running_in(self, exc: BaseException | None) -> str | None:
+        """The innermost module of the tree whose call is a frame of ``exc``'s traceback; None for none.
+
+        ``nn.Module.__call__`` is a frame (``_call_impl``) whose ``self`` is the module called, so a forward's
+        traceback lists every module entered, outermost first."""
+        slot = -1
+        tb: TracebackType | None = exc.__traceback__ if exc is not None else None
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_name in _CALL_FRAMES:
+                found = self._call_slot.get(id(frame.f_locals.get("self")))
+                if found is not None:
+                    slot = found
+            tb = tb.tb_next
+        return self.names[slot] if slot >= 0 else None
+
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Remove every hook for good (``close``): ``attach`` then hooks nothing."""
+        self.detach()
+        self._specs = []
 
 
 class HostRss:
@@ -685,7 +870,7 @@ class PhaseProbe:
         self._counter = StorageCounter()
         self.module_every = max(1, int(module_every))
         self.modules: ModuleMap | None = ModuleMap(model, module_depth) if module_depth > 0 else None
-        self.saved.where = self.modules
+        self.saved.where = self.modules  # until the first boundary says whether its step is recorded in full
         self._tree_sent: list[str] | None = None
         self._split = False  # set by ``boundary`` for a boundary recorded in full
         self._params_own: list[int] = []
@@ -698,6 +883,8 @@ class PhaseProbe:
         # Optimizer state only changes inside step(): count it again only after a step.
         self._optim_bytes = (0, 0)
         self._optim_dirty = True
+        self._grads_seen = _SameTensors()  # the gradients last counted, and their bytes
+        self._optim_seen = _SameTensors()  # the optimizer state last counted, and its bytes
         self._optim_hooked = False
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
             optimizer.register_step_post_hook(self._mark_optim_dirty)
@@ -719,6 +906,7 @@ class PhaseProbe:
         for p in real:
             keys.add(_key(p)[0])
         self._param_keys = keys
+        self.saved.param_ids = frozenset(map(id, real))  # ``self._params`` holds them: no id is reused
         host = (
             [o.tensor for o in offloaded_params(self.model) if o.tensor is not None] if len(real) < len(params) else []
         )
@@ -778,9 +966,12 @@ class PhaseProbe:
         """Whether ``step`` is recorded in full (per module): steps 0 and 1, then every ``module_every``-th."""
         return self.modules is not None and (step < 2 or step % self.module_every == 0)
 
-    def running_module(self) -> str | None:
-        """The innermost module running now (for an out-of-memory record); None outside every module or untracked."""
-        return self.modules.running() if self.modules is not None else None
+    def running_module(self, exc: BaseException | None = None) -> str | None:
+        """The innermost module running now (for an out-of-memory record); None outside every module or untracked.
+
+        On a step not recorded in full the module hooks are off: the module is read from the traceback of ``exc``
+        (default: the exception being handled), ``ModuleMap.running``."""
+        return self.modules.running(exc) if self.modules is not None else None
 
     def start_interval(self) -> None:
         """Reset every GPU's peak: the next boundary's ``peak`` then covers only what happened since.
@@ -796,7 +987,6 @@ class PhaseProbe:
         """The four categories and the allocator's figures now; with ``split`` (default: whether ``boundary``
         records this step in full) and a module map, also each module's own bytes per category under ``"_own"``
         (not written: ``boundary`` turns them into a ``modules`` record)."""
-        count = self._counter.count
         own: dict[str, list[int]] | None = None
         mm = self.modules if (self._split if split is None else split) else None
         if mm is not None:
@@ -810,17 +1000,20 @@ class PhaseProbe:
                 pairs = itertools.chain(pairs, ((g, 0) for g in self._extra_grads()))
             g_total, g_cuda = self._counter.count_slots(pairs, own["grads"])
         else:
-            grads: Iterable[torch.Tensor] = (p.grad for p in self._params if p.grad is not None)
+            # No Python code per gradient: one C-level pass collects them, and the count stands while they are the
+            # same objects (after backward until zero_grad; none at all before it).
+            grads = list(filter(_not_none, map(_grad_of, self._params)))
             if self._extra_grads is not None:
-                grads = itertools.chain(grads, self._extra_grads())
-            g_total, g_cuda = count(grads)
+                grads.extend(self._extra_grads())
+            g_total, g_cuda = self._grads_seen.count(grads)
         if mm is not None and (self._optim_dirty or not self._optim_hooked or self._optim_own is None):
             optim_own = [0] * (len(mm) + 1)
             self._optim_bytes = self._counter.count_slots(self._optim_pairs(mm), optim_own)
             self._optim_own = optim_own
             self._optim_dirty = False
         elif self._optim_dirty or not self._optim_hooked:
-            self._optim_bytes = count(self._optim_state())
+            # After a step: the state tensors are usually the same objects, updated in place.
+            self._optim_bytes = self._optim_seen.count(self._optim_list())
             self._optim_own = None
             self._optim_dirty = False
         o_total, o_cuda = self._optim_bytes
@@ -851,6 +1044,20 @@ class PhaseProbe:
             rec["_own"] = own
         return rec
 
+    def _optim_list(self) -> list[torch.Tensor]:
+        """``optimizer_tensors`` as a list, by C-level iteration when every state is a dict (torch's and
+        bitsandbytes' optimizers), in the same order."""
+        if self._optim_state_custom:
+            return list(self._optim_state())
+        opt = self.optimizer
+        if opt is None:
+            return []
+        try:
+            values = list(itertools.chain.from_iterable(map(dict.values, opt.state.values())))
+        except TypeError:  # a state that is not a dict
+            return list(optimizer_tensors(opt))
+        return list(filter(_is_tensor, values))
+
     def _optim_pairs(self, mm: ModuleMap) -> Iterator[tuple[torch.Tensor, int]]:
         """Optimizer state tensors with the slot of the parameter they belong to (a strategy's own state: root)."""
         if self._optim_state_custom:
@@ -873,6 +1080,12 @@ class PhaseProbe:
         full = self.full_step(step)
         if mm is not None:
             mm.reset(after_forward=phase == "after_fwd")
+            if full != mm.attached:  # the module hooks run only on the steps recorded in full
+                if full:
+                    mm.attach()
+                else:
+                    mm.detach()
+            self.saved.where = mm if full else None
         self._split = full
         try:
             rec = {"step": step, "micro_step": micro_step, "rank": self.rank, "phase": phase, **self.measure()}
@@ -918,7 +1131,7 @@ class NullProbe:
     def refresh_params(self) -> None:
         pass
 
-    def running_module(self) -> str | None:
+    def running_module(self, exc: BaseException | None = None) -> str | None:
         return None
 
     def start_interval(self) -> None:

@@ -41,15 +41,17 @@ class Cursor:
     step: int = 0
     micro_step: int = 0
     phase: str = "load"  # load | forward | backward | optimizer_step | generate
-    # The innermost module running (the probe's module map), asked only when an error is recorded.
-    running_module: Callable[[], str | None] = lambda: None
+    # The innermost module running (the probe's module map), asked only when an error is recorded; given the
+    # error, whose traceback names the module on the steps whose module hooks are off.
+    running_module: Callable[[BaseException | None], str | None] = lambda _exc=None: None
 
-    def where(self) -> dict[str, str | None]:
-        """An ``oom`` record's ``module`` and ``module_pass``: which module ran, in which pass, when it failed.
+    def where(self, exc: BaseException | None = None) -> dict[str, str | None]:
+        """An ``oom`` record's ``module`` and ``module_pass``: which module ran, in which pass, when ``exc`` (default:
+        the exception being handled) stopped it.
 
         The optimizer step runs no module (its pass alone is named); loading and generation have no pass."""
         module_pass = MODULE_PASS.get(self.phase)
-        module = self.running_module() if module_pass in ("forward", "backward") else None
+        module = self.running_module(exc) if module_pass in ("forward", "backward") else None
         return {"module": module, "module_pass": module_pass}
 
 
