@@ -237,9 +237,16 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "blipmon"
 
 
+SNAPSHOT_VERSION = 2  # runner.models.SNAPSHOT_VERSION: snapshots of an older layout (heads tied) are not reused
+
+
 def snapshot_dir(model_id: str) -> Path:
-    """``runner.models.random_snapshot``'s folder for a shipped architecture's random bfloat16 snapshot."""
-    return cache_root() / "random" / model_id.replace("/", "--")
+    """``runner.models.snapshot_dir``: the folder of a shipped architecture's random bfloat16 snapshot.
+
+    Versioned as the runner names it, so a snapshot made before heads were untied (tied, 512M parameters short for
+    mT0-XL) reads as not there yet and its making is counted, as the runner will make it again.
+    """
+    return cache_root() / "random" / f"{model_id.replace('/', '--')}-v{SNAPSHOT_VERSION}"
 
 
 def _cached_locally(model_id: str) -> bool:

@@ -23,6 +23,9 @@ from blipmon.core.config import ConfigError
 from blipmon.core.presets import TINY_MODELS
 
 TINY_VERSION = 2  # bump when a tiny architecture changes, so stale caches are rebuilt
+# Bump when what a random snapshot holds changes, so stale snapshots are not loaded (estimate.load.SNAPSHOT_VERSION).
+# 2: heads the real checkpoint keeps untied are untied, with values of their own (1 kept them tied).
+SNAPSHOT_VERSION = 2
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -248,6 +251,11 @@ def architecture(source: str, weights: str, trust: bool) -> Any:
     return arch
 
 
+def snapshot_dir(model_id: str) -> Path:
+    """The cache folder of ``model_id``'s random snapshot, versioned so a snapshot of an older layout is not reused."""
+    return cache_root() / "random" / f"{model_id.replace('/', '--')}-v{SNAPSHOT_VERSION}"
+
+
 def random_snapshot(model_id: str, arch: Any) -> Path:
     """A random-weight checkpoint of a real-size architecture, written once to the cache.
 
@@ -255,8 +263,7 @@ def random_snapshot(model_id: str, arch: Any) -> Path:
     model that must be quantized or split is materialised once (in bfloat16, to halve the disk)
     and then loaded exactly as its real checkpoint would be.
     """
-    safe = model_id.replace("/", "--")
-    target = cache_root() / "random" / safe
+    target = snapshot_dir(model_id)
     if (target / "config.json").is_file():
         return target
     with _build_lock(target.parent):
@@ -266,8 +273,22 @@ def random_snapshot(model_id: str, arch: Any) -> Path:
 
 
 def _save_random(model_id: str, arch: Any, target: Path) -> Path:
+    """Build ``arch`` with random bfloat16 weights, its heads untied as ``model_id``'s checkpoint stores them, and save it.
+
+    A model built from its config ties the language model's head to its input embedding, and ``save_pretrained``
+    stores a tied pair once; loading that would hold fewer parameters than the real checkpoint where the checkpoint
+    keeps its own head (mT0-XL's ``lm_head``: 250,112 x 2,048). So the head is untied as the checkpoint has it
+    (``catalog.untie_like_checkpoint``, the estimator's rule) and given random values of its own: ``from_pretrained``
+    re-ties a stored pair whose values are equal, whatever the config's ``tie_word_embeddings`` says (T5's config
+    forces it true), and keeps it untied only when they differ.
+    """
+    from blipmon.architectures.catalog import raw_config, untie_like_checkpoint
+
     torch.manual_seed(0)
     model = model_class(arch)._from_config(arch, dtype=torch.bfloat16)
+    if untie_like_checkpoint(model, raw_config(model_id) or {}):
+        with torch.no_grad():
+            model.get_output_embeddings().weight.normal_()
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         _save(model, tmp)
