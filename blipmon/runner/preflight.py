@@ -40,6 +40,9 @@ def needs_gpu(cfg: dict[str, Any]) -> str | None:
 
 def preflight(cfg: dict[str, Any], *, cuda: bool | None = None, bf16: bool | None = None) -> None:
     """Everything that can be refused before a child starts and a model loads (exit 2)."""
+    # First: a map transformers or accelerate refuses is wrong on any machine, so it is said before what a machine
+    # lacks (no GPU here), not after.
+    check_map_loadable(cfg)
     t = cfg["train"]
     is_train = cfg["job"]["kind"] == "train"
     unavailable: list[str] = []
@@ -87,6 +90,78 @@ def preflight(cfg: dict[str, Any], *, cuda: bool | None = None, bf16: bool | Non
             read_metadata(Path(cfg["data"]["source"]))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+HOST_DEVICES = ("cpu", "disk")  # where a device-map table keeps modules off every GPU
+
+
+def _is_host(device: Any) -> bool:
+    return isinstance(device, str) and device in HOST_DEVICES
+
+
+def _entries(dm: dict[str, Any], keys: list[str]) -> str:
+    """``vision_model = 'cpu', '' = 'cpu'``: table entries as the user wrote them, printable, on one line."""
+    shown = ", ".join(f"{k if k else repr(k)} = {dm[k]!r}" for k in keys[:6])
+    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+    return one_line(shown) + more
+
+
+def load_quantization(cfg: dict[str, Any]) -> str:
+    """The quantization the model is loaded with: ``model.quantization``, or 4-bit NF4 for a QLoRA train job.
+
+    Mirrors ``runner.models.load_model``, which loads a QLoRA base model in 4-bit NF4 when no other is set.
+    """
+    quant = str(cfg["model"]["quantization"])
+    if quant == "none" and cfg["job"]["kind"] == "train" and cfg["train"]["qlora"]:
+        return "4bit-nf4"
+    return quant
+
+
+def check_map_loadable(cfg: dict[str, Any]) -> None:
+    """Refuse a device-map table that transformers or accelerate refuses, before anything loads (exit 2).
+
+    - 8-bit and 4-bit loads (``model.quantization``, or ``train.qlora``): transformers'
+      ``Bnb8BitHfQuantizer``/``Bnb4BitHfQuantizer.validate_environment`` raise "Some modules are dispatched on the
+      CPU or the disk" for a table whose values are not all ``"cpu"`` but include ``"cpu"`` or ``"disk"``, unless
+      ``llm_int8_enable_fp32_cpu_offload`` is set, which blipmon does not set. Checked as transformers checks it, on
+      the table as written (``runner.models.device_map_kwarg`` passes it unchanged).
+    - A table whose ``""`` entry is ``"cpu"`` (or ``"disk"``) beside a GPU entry: accelerate's offloading hooks for
+      the ``""`` entry set every tensor of the model to the meta device, and the GPU entry's hook then fails to move
+      them ("weight is on the meta device").
+
+    Both used to load the whole model (minutes for a real one) and then exit 1; the estimator refuses the same maps
+    (``estimate.load``, the JSON's ``refused``).
+    """
+    dm = cfg["model"]["device_map"]
+    if not isinstance(dm, dict) or not dm:
+        return
+    keys = [str(k) for k in dm]
+    table = {str(k): v for k, v in dm.items()}
+    host = [k for k in keys if _is_host(table[k])]
+    gpu = [k for k in keys if not _is_host(table[k])]
+    quant = load_quantization(cfg)
+    if quant != "none" and host and gpu:
+        if quant == cfg["model"]["quantization"]:
+            which, instead = f"model.quantization = {quant!r}", "load unquantized (model.quantization = 'none')"
+        else:
+            which, instead = (
+                f"train.qlora = true (the base model in {quant})",
+                "train without QLoRA (train.qlora = false)",
+            )
+        bits = "8-bit" if quant == "8bit" else "4-bit"
+        raise ConfigError(
+            f"model.device_map puts {_entries(table, host)} on the host beside a GPU ({_entries(table, gpu)}), with "
+            f"{which}: transformers refuses {bits} modules dispatched on the CPU or the disk before loading "
+            "(bitsandbytes: 'Some modules are dispatched on the CPU or the disk'; blipmon does not set "
+            f"llm_int8_enable_fp32_cpu_offload). Map every module to a GPU, every module to 'cpu', or {instead}"
+        )
+    if "" in table and _is_host(table[""]) and gpu:
+        raise ConfigError(
+            f"model.device_map[''] = {table['']!r} beside GPU entries ({_entries(table, gpu)}): accelerate offloads "
+            "the whole model for the '' entry, and then cannot move the GPU modules' weights to the GPU (ValueError: "
+            "'weight is on the meta device'). Name the modules that go to the host instead of '' "
+            "(e.g. {vision_model = 'cpu', qformer = 'cpu', ...})"
+        )
 
 
 def _check_model_source(cfg: dict[str, Any]) -> None:
