@@ -1,12 +1,17 @@
 """Several ranks: ``train.devices=2`` with ``strategy=ddp`` runs two ranks through torchrun (gloo on CPU).
 
 Both ranks record their own phases into the one event stream, on one time axis, and the run ends
-as one run with the parent's exit record.
+as one run with the parent's exit record. Each rank also records its modules (issue 12), named without DDP's
+``module.`` prefix, with exact parameters, gradients and AdamW state per module.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
+from module_checks import OPT_DEPTH2, check_root_and_children, own_param_bytes, param_tensors, tiny_model
 
 from blipmon.core.run import RunData
 
@@ -51,3 +56,31 @@ def test_show_and_compare_report_each_rank_and_the_maximum(ddp_run: RunData) -> 
     assert "ranks    2" in text and "rank 0:" in text and "rank 1:" in text and "<- max" in text
     table = render_compare([ddp_run, ddp_run], "csv")
     assert "ranks,2,2" in table and "peak phase total, max over ranks" in table
+
+
+@pytest.mark.slow
+def test_each_rank_records_its_modules_root_equal_to_its_phases(ddp_run: RunData) -> None:
+    check_root_and_children(ddp_run, "ddp")
+    assert ddp_run.modules.trees[0] == ddp_run.modules.trees[1] == OPT_DEPTH2  # DDP's ``module.`` dropped
+
+
+@pytest.mark.slow
+def test_parameters_gradients_and_adamw_state_per_module_are_exact(
+    ddp_run: RunData, tiny_models: dict[str, Path], tiny_facts: dict[str, Any]
+) -> None:
+    names = list(ddp_run.modules.trees[0])  # a full fine-tune in fp32 with torch's AdamW, on two ranks
+    model = tiny_model(tiny_models["tiny/blip2-opt"])
+    expected = own_param_bytes(model, names)
+    tensors = param_tensors(model, names)
+    step_bytes = tiny_facts["tiny/blip2-opt"].adamw_step_bytes
+    assert expected[0] == tiny_facts["tiny/blip2-opt"].params_bytes
+    for rank in (0, 1):
+        assert [r.params for r in ddp_run.modules.at(0, "before_fwd", rank=rank)] == expected
+        # After the first backward every trainable parameter has an fp32 gradient of its own size.
+        assert [r.grads for r in ddp_run.modules.at(0, "after_bwd", rank=rank)] == expected
+        assert [r.optim for r in ddp_run.modules.at(0, "after_bwd", rank=rank)] == [0] * len(names)
+        # AdamW: two moments of the parameter's size and one step counter per parameter tensor.
+        assert [r.optim for r in ddp_run.modules.at(0, "after_opt_step", rank=rank)] == [
+            2 * b + step_bytes * n for b, n in zip(expected, tensors, strict=True)
+        ]
+        assert [r.acts for r in ddp_run.modules.at(0, "after_bwd", rank=rank)] == [0] * len(names)

@@ -3,7 +3,8 @@
 The seed lab's last row moves the optimizer to the host; what a user must see is where the memory
 went: no optimizer state on the device, fp32 master weights and Adam moments on the host, and
 gradients that DeepSpeed keeps outside ``.grad``. The first DeepSpeed run on a machine compiles its
-CPU Adam (a minute or two), so the runs here are real children with a generous timeout.
+CPU Adam (a minute or two), so the runs here are real children with a generous timeout. The fp32 run's modules
+(issue 12) are held here too: the root equal to the phases, each module's own share of the flat buffer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import deepspeed  # noqa: F401 - the test extra installs it: a broken install fails here, never skips
 import pytest
+from module_checks import OPT_DEPTH2, check_root_and_children, own_param_bytes, tiny_model
 
 from blipmon.core.run import RunData, load_run
 from blipmon.runner.preflight import preflight
@@ -91,6 +93,27 @@ def test_bf16_true_halves_the_model_but_keeps_fp32_optimizer_state_on_the_host(
     n = flat_numel(tiny_facts["tiny/blip2-opt"])
     assert at(bf16, "before_fwd", 0)["params"] == 2 * n  # bf16: 2 bytes a parameter
     assert at(bf16, "after_opt_step", 1)["optim_host"] == at(bf16, "after_opt_step", 1)["optim"] == 12 * n
+
+
+def test_modules_root_equals_the_phase_and_children_fit_their_parents(fp32: RunData) -> None:
+    """Issue 12's bar under ZeRO-2 with offload, every micro-step of both steps."""
+    check_root_and_children(fp32, "zero-offload")
+    assert fp32.modules.trees[0] == OPT_DEPTH2  # the engine's ``module.`` dropped
+
+
+def test_deepspeed_flat_buffer_is_split_by_module(
+    fp32: RunData, tiny_models: dict[str, Path], tiny_facts: dict[str, Any]
+) -> None:
+    """ZeRO-2 makes every fp32 weight a view of one flat buffer: each module still gets its own weights' bytes,
+    the buffer's alignment padding the root; the strategy's gradient and optimizer partitions are the root's."""
+    names = list(fp32.modules.trees[0])
+    expected = own_param_bytes(tiny_model(tiny_models["tiny/blip2-opt"]), names)
+    rows = fp32.modules.at(0, "after_opt_step")
+    assert rows[0].params == 4 * flat_numel(tiny_facts["tiny/blip2-opt"])
+    assert [r.params for r in rows[1:]] == expected[1:]
+    assert all(r.optim == 0 for r in rows[1:]) and rows[0].optim == 12 * flat_numel(tiny_facts["tiny/blip2-opt"])
+    grads = fp32.modules.at(0, "after_bwd", micro_step=1)
+    assert all(r.grads == 0 for r in grads[1:]) and grads[0].grads == 8 * flat_numel(tiny_facts["tiny/blip2-opt"])
 
 
 def test_several_ranks_with_offload_are_refused_before_loading() -> None:
