@@ -111,10 +111,17 @@ def render(j: Any) -> str:
 
 
 def verdict_text(j: Any) -> str:
-    """ "FITS with X to spare", or "OUT OF MEMORY: ..." naming where (a training interval, a device, the host)."""
+    """ "FITS with X to spare", "OUT OF MEMORY: ..." naming where (a training interval, a device, the host), or
+    "CANNOT RUN AS CONFIGURED: why" when no memory would do (the judgement's ``refused``: a map bitsandbytes or
+    accelerate refuses), which "out of memory" would misstate: the verdict is ``oom`` only so that it is not ``fits``.
+    """
+    from blipmon.core.safe_text import one_line
     from blipmon.core.units import fmt_bytes
 
     est = j.estimate
+    refused = getattr(j, "refused", "")
+    if refused:
+        return f"CANNOT RUN AS CONFIGURED: {one_line(refused)}"
     if j.verdict == "fits":
         return f"FITS with {fmt_bytes(j.headroom_bytes)} to spare"
     lim = j.device_judgement(j.limiting_device)
