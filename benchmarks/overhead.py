@@ -5,11 +5,15 @@ attribution at its default depth and cadence, events written to a real profile f
 interleaved round by round in one process so machine noise hits both alike. Prints median step time with /
 without, and the per-round ratios.
 
-    python benchmarks/overhead.py [CONFIG] [--rounds N] [--set K=V ...]
+    python benchmarks/overhead.py [CONFIG] [--rounds N] [--per-step] [--set K=V ...]
 
 Wall time is what a user waits for; on a machine other jobs share it swings with their load. So each step's CPU
 time of this process (``time.process_time``, the training thread's work plus the sampler's) is measured too, and
 its ratio printed beside: with ``OMP_NUM_THREADS=1`` it is the work the probes add, whoever else runs.
+
+``--per-step`` runs the two arms side by side instead, one step of each in turn (two threads passing a baton, so
+one runs at a time and the process's CPU time of a step is that step's): a swing in the machine's load lasts
+many steps, so it hits both arms of a pair of steps alike. The loop is the same ``run_train``.
 
 Goal (BENCHMARKS.md, issue 12): <= 1.03 on CPU with the tiny model, module attribution on; <= 1.02 on a GPU.
 """
@@ -53,10 +57,68 @@ def measure(cfg: dict, probes: bool, cuda: bool, tmp: Path) -> tuple[list[float]
     return steps[1:], cpu[1:]  # the first step pays for lazy initialisation in both arms
 
 
+def measure_per_step(cfg: dict, cuda: bool, tmp: Path) -> dict[bool, tuple[list[float], list[float]]]:
+    """Both arms at once, a step of one then a step of the other: {probes: (wall seconds, CPU seconds)} of each
+    step after the first. Each arm's training runs in its own thread; a baton lets one thread run at a time, from
+    its first record to the end of its step."""
+    import threading
+
+    batons = {True: threading.Event(), False: threading.Event()}
+    done = {True: False, False: False}
+    out: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
+    loaded = {probes: load_model({**cfg, "runtime": {**cfg["runtime"], "probes": probes}}, cuda=cuda)
+              for probes in (True, False)}  # fmt: skip
+    errors: list[BaseException] = []
+
+    def arm(probes: bool) -> None:
+        arm_cfg = {**cfg, "runtime": {**cfg["runtime"], "probes": probes}}
+        writer = EventWriter(tmp / f"events-step-{probes}.jsonl")
+        started = [False]
+        last = [0.0, 0.0]
+
+        def hand_over() -> None:
+            batons[probes].clear()
+            batons[not probes].set()
+            if not done[not probes]:
+                batons[probes].wait()
+            last[0], last[1] = time.perf_counter(), time.process_time()
+
+        def emit(kind: str, **fields: object) -> None:
+            if not started[0]:  # everything before the first record ran alongside the other arm's
+                started[0] = True
+                batons[probes].wait()
+                last[0], last[1] = time.perf_counter(), time.process_time()
+            writer.write(kind, **fields)
+            if kind == "step":
+                out[probes][0].append(time.perf_counter() - last[0])
+                out[probes][1].append(time.process_time() - last[1])
+                hand_over()
+
+        try:
+            run_train(loaded[probes], arm_cfg, emit, Cursor(), cuda=cuda)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            writer.close()
+            done[probes] = True
+            batons[not probes].set()
+
+    threads = [threading.Thread(target=arm, args=(probes,)) for probes in (True, False)]
+    batons[True].set()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {probes: (walls[1:], cpus[1:]) for probes, (walls, cpus) in out.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="tiny/blip2-opt")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--per-step", action="store_true", help="alternate the arms step by step (see above)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     overrides = ["train.num_train_samples=256", "train.max_epochs=1", *args.overrides]
@@ -73,18 +135,24 @@ def main() -> int:
             order = (True, False) if r % 2 == 0 else (False, True)
             medians = {}
             cpu_medians = {}
+            both = measure_per_step(cfg, cuda, Path(d)) if args.per_step else {}
             for probes in order:
-                steps, cpu = measure(cfg, probes, cuda, Path(d))
+                steps, cpu = both[probes] if args.per_step else measure(cfg, probes, cuda, Path(d))
                 (with_p if probes else without).extend(steps)
                 (cpu_with if probes else cpu_without).extend(cpu)
                 medians[probes] = statistics.median(steps)
                 cpu_medians[probes] = statistics.median(cpu)
             paired.append(medians[True] / medians[False])
             paired_cpu.append(cpu_medians[True] / cpu_medians[False])
+            print(
+                f"round {r}: CPU ms with {cpu_medians[True] * 1000:.2f}, without {cpu_medians[False] * 1000:.2f}",
+                flush=True,
+            )
     a, b = statistics.median(with_p), statistics.median(without)
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     rt = cfg["runtime"]
-    print(f"config {args.config} on {device}; {len(with_p)} steps per arm, {args.rounds} interleaved rounds")
+    how = "rounds of steps alternating between the arms" if args.per_step else "interleaved rounds"
+    print(f"config {args.config} on {device}; {len(with_p)} steps per arm, {args.rounds} {how}")
     print(f"module attribution: depth {rt['module_depth']}, every {rt['module_every']} steps (0 = off)")
     print(f"median step with probes    {a * 1000:8.2f} ms")
     print(f"median step without probes {b * 1000:8.2f} ms")
