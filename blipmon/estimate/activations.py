@@ -410,6 +410,25 @@ def _canonical(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
+def caches_off_under_checkpointing(model: Any) -> int:
+    """Set ``use_cache`` false in the configs of the estimator's own checkpointed model; returns configs changed.
+
+    With activation checkpointing on, a training forward of a model whose config says ``use_cache = True`` has
+    transformers switch it off and log "`use_cache=True` is incompatible with gradient checkpointing. Setting
+    `use_cache=False`." (``utils.generic``'s input check, a ``warning_once``). The real run's forward does the same,
+    so the traced step is unchanged; without this the estimator printed that line on the stderr of ``blipmon fit``
+    and ``estimate``, and, being a ``warning_once``, took it from the real run sharing the process. Only the
+    estimator's model (built from the configuration for the trace) is changed, never the run's.
+    """
+    changed: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in changed and getattr(config, "use_cache", None) is True:
+            config.use_cache = False
+            changed.add(id(config))
+    return len(changed)
+
+
 def layer_signatures(model: Any) -> dict[str, list[str]]:
     """``{stack path: [signature of each layer]}`` for every stack of repeated layers in ``model``."""
     from blipmon.estimate.build import is_stack
@@ -450,6 +469,7 @@ def trace(
     t = cfg["train"]
     if t["act_ckpt"]:
         enable_activation_checkpointing(model)
+        caches_off_under_checkpointing(model)
     model.train()
     params = {id(p): n for n, p in model.named_parameters()}
     param_list = [p for p in model.parameters()]
