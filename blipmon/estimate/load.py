@@ -175,8 +175,9 @@ def model_tensors(model_id: str, untie: bool = True) -> Model:
 
     The rules are ``architectures.catalog``'s (which Linear layers bitsandbytes replaces, decided on the tied model;
     heads untied as the checkpoint stores them; the fp32-kept modules), kept per name because device maps place
-    names, not top-level modules. ``untie=False`` keeps the heads tied, as in blipmon's random snapshots (saved from
-    a model built from its config, whose tied head ``save_pretrained`` stores once).
+    names, not top-level modules. ``untie=False`` keeps the heads tied (a model built from its config alone); blipmon's
+    random snapshots store untied heads with values of their own, as the real checkpoint does
+    (``runner.models._save_random``), so loads count them untied.
     """
     from torch import nn
 
