@@ -11,7 +11,7 @@ Wall time is what a user waits for; on a machine other jobs share it swings with
 time of this process (``time.process_time``, the training thread's work plus the sampler's) is measured too, and
 its ratio printed beside: with ``OMP_NUM_THREADS=1`` it is the work the probes add, whoever else runs.
 
-``--per-step`` runs the two arms side by side instead, one step of each in turn (two threads passing a baton, so
+The process is pinned to one core (both modes). ``--per-step`` runs the two arms side by side instead, one step of each in turn (two threads passing a baton, so
 one runs at a time and the process's CPU time of a step is that step's): a swing in the machine's load lasts
 many steps, so it hits both arms of a pair of steps alike. The loop is the same ``run_train``.
 
@@ -21,6 +21,7 @@ Goal (BENCHMARKS.md, issue 12): <= 1.03 on CPU with the tiny model, module attri
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -124,18 +125,28 @@ def main() -> int:
     overrides = ["train.num_train_samples=256", "train.max_epochs=1", *args.overrides]
     cfg = resolve(args.config, overrides)
     cuda = torch.cuda.is_available() and cfg["model"]["device_map"] != "cpu"
+    # One core for the whole benchmark (threads started later inherit it): the scheduler never moves a step to a
+    # core whose caches hold none of it, which on a shared 2-core VM swung the ratios by +-20 % from step to step.
+    pinned = ""
+    if hasattr(os, "sched_setaffinity"):
+        core = max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        pinned = f", pinned to core {core}"
     with_p: list[float] = []
     without: list[float] = []
     cpu_with: list[float] = []
     cpu_without: list[float] = []
     paired: list[float] = []  # each round's ratio of medians: drift between rounds cancels out
     paired_cpu: list[float] = []
+    step_pairs: list[float] = []  # --per-step: CPU time of each step with probes / the next step without
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.rounds):
             order = (True, False) if r % 2 == 0 else (False, True)
             medians = {}
             cpu_medians = {}
             both = measure_per_step(cfg, cuda, Path(d)) if args.per_step else {}
+            if both:  # each step with probes over the step without that ran right after it
+                step_pairs.extend(a / b for a, b in zip(both[True][1], both[False][1], strict=False))
             for probes in order:
                 steps, cpu = both[probes] if args.per_step else measure(cfg, probes, cuda, Path(d))
                 (with_p if probes else without).extend(steps)
@@ -152,7 +163,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     rt = cfg["runtime"]
     how = "rounds of steps alternating between the arms" if args.per_step else "interleaved rounds"
-    print(f"config {args.config} on {device}; {len(with_p)} steps per arm, {args.rounds} {how}")
+    print(f"config {args.config} on {device}{pinned}; {len(with_p)} steps per arm, {args.rounds} {how}")
     print(f"module attribution: depth {rt['module_depth']}, every {rt['module_every']} steps (0 = off)")
     print(f"median step with probes    {a * 1000:8.2f} ms")
     print(f"median step without probes {b * 1000:8.2f} ms")
@@ -163,6 +174,10 @@ def main() -> int:
     print(f"CPU time per step: with {ca * 1000:.2f} ms, without {cb * 1000:.2f} ms, ratio {ca / cb:.3f}")
     print(f"per-round CPU ratios: median {statistics.median(paired_cpu):.3f}")
     print("  " + " ".join(f"{x:.3f}" for x in paired_cpu))
+    if step_pairs:
+        q = statistics.quantiles(step_pairs, n=4)
+        print(f"per-step CPU ratios (a step with probes / the next without): median {statistics.median(step_pairs):.3f}"
+              f", quartiles {q[0]:.3f} {q[2]:.3f}, {len(step_pairs)} pairs")  # fmt: skip
     return 0
 
 
