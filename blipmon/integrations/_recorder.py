@@ -439,7 +439,7 @@ class Recorder:
             )
             module = None
             if module_pass in ("forward", "backward") and self.probe is not None:
-                module = self.probe.running_module()
+                module = self.probe.running_module(exc)  # exc's traceback: fail() may run from sys.excepthook
             emit(
                 "oom",
                 step=self.step,

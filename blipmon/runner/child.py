@@ -502,8 +502,8 @@ def _record_failure(
             except Exception as err:  # noqa: BLE001 - the OOM itself must still be recorded
                 rec["state_error"] = f"{type(err).__name__}: {err}"[:300]
         where = getattr(cursor, "where", None)
-        if callable(where):  # which module ran, in which pass (the probe's module map; issue 12)
-            rec.update(where())
+        if callable(where):  # which module ran, in which pass (the probe's module map, or e's traceback; issue 12)
+            rec.update(where(e))
         emit(
             "oom",
             step=cursor.step,
