@@ -37,6 +37,34 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 """
 
 
+# The process footprint behind the estimate's runtime constant (``load.LOAD_RUNTIME_BYTES``) was calibrated where
+# importing the runner and transformers' BLIP-2 class took this much (ru_maxrss, the project's VM and venv). The same
+# imports take more or less elsewhere -- 64 MB more in a fresh clone's venv on the same VM (the same packages: the
+# shared libraries' pages come in from the page cache differently) -- which no estimate of a model's memory can know.
+# So the footprint is measured here, the same way, and each prediction shifted by the difference: what is held to
+# 10 % is the estimate, not the machine's import footprint.
+CALIBRATION_IMPORTS_BYTES = 354_500_000
+IMPORTS = """
+import resource
+import blipmon.runner.models
+import transformers
+from transformers import Blip2ForConditionalGeneration
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def import_offset() -> int:
+    """This machine's import footprint minus the calibration's (bytes; the median of three fresh processes)."""
+    peaks = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, timeout=300,
+                              cwd=REPO, env=_env())  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks.append(int(proc.stdout.strip().splitlines()[-1]))
+    return sorted(peaks)[1] - CALIBRATION_IMPORTS_BYTES
+
+
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(timeline, "_local_gpu_bytes", lambda: None)
@@ -92,8 +120,8 @@ def test_host_peak_of_a_cpu_load_within_10_percent(case: str) -> None:
     preset, sets = CASES[case]
     cfg = resolve(preset, sets)
     measured = measured_peak(cfg)
-    predicted = judge(cfg, host_memory=64 * GIB).devices["cpu"]
-    assert abs(predicted - measured) <= 0.10 * measured, (case, predicted, measured)
+    predicted = judge(cfg, host_memory=64 * GIB).devices["cpu"] + import_offset()
+    assert abs(predicted - measured) <= 0.10 * measured, (case, predicted, measured, import_offset())
 
 
 @pytest.mark.parametrize("kind", ["load", "generate"])
@@ -110,8 +138,8 @@ def test_the_real_childs_host_peak_within_10_percent(kind: str, tmp_path: Path) 
     )  # fmt: skip
     measured = json.loads(shown.stdout)["peaks"]["host_rss"]
     cfg = resolve("tiny/blip2-opt", [f"job.kind={kind}", "model.device_map=cpu"])
-    predicted = judge(cfg, host_memory=64 * GIB).devices["cpu"]
-    assert abs(predicted - measured) <= 0.10 * measured, (kind, predicted, measured)
+    predicted = judge(cfg, host_memory=64 * GIB).devices["cpu"] + import_offset()
+    assert abs(predicted - measured) <= 0.10 * measured, (kind, predicted, measured, import_offset())
 
 
 # -- the weights-dependent part, which no constant can satisfy ------------------------------------------------------
