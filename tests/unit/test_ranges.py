@@ -43,6 +43,8 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "data.caption_tokens": (0, 8192, "an integer >= 0 and <= 8192"),
     "runtime.sample_hz": (0.1, 100, "a number >= 0.1 and <= 100"),
     "runtime.seed": (0, 2**32 - 1, "an integer >= 0 and <= 4294967295"),
+    "runtime.module_depth": (0, 8, "an integer >= 0 and <= 8"),
+    "runtime.module_every": (1, 1_000_000, "an integer >= 1 and <= 1000000"),
 }
 EXCLUSIVE_LOW = {"train.lora.alpha"}
 EXCLUSIVE_HIGH = {"train.lora.dropout"}
