@@ -25,38 +25,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from blipmon.core.config import ConfigError, caption_tokens
+from blipmon.core.config import ConfigError
 from blipmon.core.modules import MODULE_CATEGORIES, ModuleRow, inclusive, owner_index, tree_names, tree_parents
+from blipmon.estimate.timeline import cache_put, profile_key
 
 _TRACES: dict[str, Any] = {}  # (profile with saved_where, short stacks) by what decides them
 _FULL: dict[str, Any] = {}  # full meta model by what decides its parameters
-_CACHE_SIZE = 8
-
-
-def _put(cache: dict[str, Any], key: str, value: Any) -> None:
-    if len(cache) >= _CACHE_SIZE:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
-
-
-def _trace_key(cfg: dict[str, Any], device: str) -> str:
-    m, t = cfg["model"], cfg["train"]
-    return json.dumps(
-        [
-            m["id"],
-            m["quantization"],
-            t["batch_size"],
-            caption_tokens(cfg),
-            cfg["data"]["image_placeholders"],
-            t["precision"],
-            t["act_ckpt"],
-            t["lora"],
-            t["qlora"],
-            device,
-        ],
-        sort_keys=True,
-        default=str,
-    )
 
 
 def _full_key(cfg: dict[str, Any]) -> str:
@@ -100,7 +74,7 @@ def predict_modules(
         full = _FULL.get(fkey)
         if full is None:
             full = build.build_meta(spec, spec.arch, cfg)
-            _put(_FULL, fkey, full)
+            cache_put(_FULL, fkey, full)
         prof, short_stacks = _traced(cfg, spec, dev)
     return split(full, cfg, est, prof, short_stacks, depth)
 
@@ -110,7 +84,7 @@ def _traced(cfg: dict[str, Any], spec: Any, device: str) -> tuple[Any, dict[str,
     from blipmon.estimate import activations, build
     from blipmon.estimate.timeline import EstimateError
 
-    key = _trace_key(cfg, device)
+    key = profile_key(cfg, device)
     hit = _TRACES.get(key)
     if hit is not None:
         return hit
@@ -125,7 +99,7 @@ def _traced(cfg: dict[str, Any], spec: Any, device: str) -> tuple[Any, dict[str,
         raise
     except Exception as e:  # noqa: BLE001 - the estimate itself traced the same step: say so, no traceback
         raise EstimateError(f"{spec.model_id}: the per-module trace failed: {type(e).__name__}") from e
-    _put(_TRACES, key, (prof, short_stacks))
+    cache_put(_TRACES, key, (prof, short_stacks))
     return prof, short_stacks
 
 

@@ -265,13 +265,15 @@ _MODELS: dict[str, Any] = {}  # full meta models, by what decides their paramete
 _CACHE_SIZE = 16
 
 
-def _cache_put(cache: dict[str, Any], key: str, value: Any) -> None:
+def cache_put(cache: dict[str, Any], key: str, value: Any) -> None:
+    """Keep ``value`` under ``key``, forgetting the oldest entry past ``_CACHE_SIZE`` (``estimate.modules`` too)."""
     if len(cache) >= _CACHE_SIZE:
         cache.pop(next(iter(cache)))
     cache[key] = value
 
 
-def _profile_key(cfg: dict[str, Any], device: str) -> str:
+def profile_key(cfg: dict[str, Any], device: str) -> str:
+    """What decides a traced training step: the cache key of an activation profile (``estimate.modules``' too)."""
     m, t = cfg["model"], cfg["train"]
     return json.dumps(
         [
@@ -291,7 +293,7 @@ def _profile_key(cfg: dict[str, Any], device: str) -> str:
     )
 
 
-def _model_key(cfg: dict[str, Any]) -> str:
+def model_key(cfg: dict[str, Any]) -> str:
     m, t = cfg["model"], cfg["train"]
     return json.dumps(
         [m["id"], m["quantization"], t["precision"], t["lora"], t["qlora"], cfg["job"]["kind"]], sort_keys=True
@@ -347,14 +349,14 @@ def estimate(
             "per rank (every rank holds the same); DDP's gradient buckets and NCCL's buffers are in the overheads"
         )
 
-    mkey = _model_key(cfg)
+    mkey = model_key(cfg)
     full = _MODELS.get(mkey)
     if full is None:
         full = build.build_meta(spec, spec.arch, cfg)
-        _cache_put(_MODELS, mkey, full)
+        cache_put(_MODELS, mkey, full)
     full_stacks = activations.layer_signatures(full)
 
-    pkey = _profile_key(cfg, dev)
+    pkey = profile_key(cfg, dev)
     cached = _PROFILES.get(pkey)
     if cached is None:
         short_arch = build.short_config(spec.arch)
@@ -375,7 +377,7 @@ def estimate(
                 f"likely fail the same way: {type(e).__name__}: {first}"
             ) from e
         cached = (prof, short_stacks)
-        _cache_put(_PROFILES, pkey, cached)
+        cache_put(_PROFILES, pkey, cached)
     prof, short_stacks = cached
 
     extra: dict[tuple[str, str], int] = {}
