@@ -1,7 +1,8 @@
 """The host peak of a CPU load, predicted against measured (issue 13's bar: within 10 %).
 
 Each load runs the runner's own ``load_model`` in a fresh interpreter and reports its peak resident size
-(``ru_maxrss``: the kernel's high-water mark, which no sampling can miss); what the load needs first (the tiny
+(``VmHWM``: the kernel's high-water mark of its memory, which no sampling can miss; not ``ru_maxrss``, which a
+process spawned from a large one (pytest) inherits from its parent); what the load needs first (the tiny
 model's files, a random snapshot) is made beforehand in another process, as a second run would find it. The
 real child is checked too: ``blipmon run`` of the tiny load and generate jobs, its recorded host RSS peak.
 """
@@ -25,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3
 
 MEASURE = """
+def hwm():  # this process's own peak RSS (VmHWM of its memory map): ru_maxrss would include the parent's
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 import json, resource, sys
 from blipmon.core import config
 from blipmon.runner.models import load_model, prepare_files
@@ -33,23 +36,25 @@ if sys.argv[2] == "prepare":
     prepare_files(cfg)
     raise SystemExit(0)
 load_model(cfg, cuda=False)
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak": hwm()}))
 """
 
 
 # The process footprint behind the estimate's runtime constant (``load.LOAD_RUNTIME_BYTES``) was calibrated where
-# importing the runner and transformers' BLIP-2 class took this much (ru_maxrss, the project's VM and venv). The same
+# importing the runner and transformers' BLIP-2 class took this much (VmHWM, the project's VM and venv). The same
 # imports take more or less elsewhere -- 64 MB more in a fresh clone's venv on the same VM (the same packages: the
 # shared libraries' pages come in from the page cache differently) -- which no estimate of a model's memory can know.
 # So the footprint is measured here, the same way, and each prediction shifted by the difference: what is held to
 # 10 % is the estimate, not the machine's import footprint.
 CALIBRATION_IMPORTS_BYTES = 354_500_000
 IMPORTS = """
+def hwm():  # this process's own peak RSS (VmHWM of its memory map): ru_maxrss would include the parent's
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 import resource
 import blipmon.runner.models
 import transformers
 from transformers import Blip2ForConditionalGeneration
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(hwm())
 """
 
 
@@ -159,6 +164,8 @@ def test_the_weights_dependent_part_fp32_minus_fp16_within_10_percent() -> None:
 
 
 GENERATE = """
+def hwm():  # this process's own peak RSS (VmHWM of its memory map): ru_maxrss would include the parent's
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 import json, resource, sys, torch
 from blipmon.core import config
 from blipmon.runner.data import SyntheticCaptions
@@ -172,10 +179,10 @@ items = [ds[i] for i in range(b)]
 kw = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
       "input_ids": torch.stack([it["input_ids"] for it in items]),
       "max_new_tokens": min(cfg["data"]["max_length"], 30)}  # as runner.generate calls it for BLIP VQA
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = hwm()
 with torch.inference_mode():
     model.generate(**kw)
-print(json.dumps({"growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+print(json.dumps({"growth": hwm() - before}))
 """
 
 
