@@ -320,14 +320,18 @@ class _Search:
         ranked = sorted(found.values(), key=lambda s: (s.verdict != "fits", len(s.knobs), s.cost, s.peak_bytes))
         return ranked, skipped
 
-    def _add(self, found: dict[str, Suggestion], o: Outcome, moves: tuple[Move, ...]) -> None:
-        notes = [m.note for m in moves]
-        for m in moves:
-            if m.name == "offload":
+    def _move_notes(self, o: Outcome, moves: tuple[Move, ...]) -> list[str]:
+        """What each change costs, in words; offload adds the host RAM its state needs."""
+        notes = [mv.note for mv in moves]
+        for mv in moves:
+            if mv.name == "offload":
                 extra = fit_knobs.offload_host_note(o.host_bytes or _host_bytes(o), self.host_memory)
                 if extra:
                     notes.append(extra)
-        notes += self._verdict_notes(o)
+        return notes
+
+    def _add(self, found: dict[str, Suggestion], o: Outcome, moves: tuple[Move, ...]) -> None:
+        notes = self._move_notes(o, moves) + self._verdict_notes(o)
         eff = self.b0 * self.acc0 * self.ranks
         s = Suggestion(
             changes=dict(o.changes),
@@ -400,12 +404,7 @@ class _Search:
     def _batch_suggestion(self, o: Outcome, moves: tuple[Move, ...], batch: int, acc: int) -> Suggestion:
         eff = batch * acc * self.ranks
         old = self.b0 * self.acc0 * self.ranks
-        notes = [mv.note for mv in moves]
-        for mv in moves:
-            if mv.name == "offload":
-                extra = fit_knobs.offload_host_note(o.host_bytes or _host_bytes(o), self.host_memory)
-                if extra:
-                    notes.append(extra)
+        notes = self._move_notes(o, moves)
         notes.append(fit_knobs.accumulate_note(batch, acc, eff, old))
         notes += self._verdict_notes(o)
         cost = sum(mv.cost for mv in moves) + (COST_ACCUMULATE if eff == old else COST_SMALLER_BATCH)
