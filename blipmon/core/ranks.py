@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from blipmon.core.run import CATEGORIES, PHASES, phase_total
-from blipmon.core.snapshot import Snapshot
+from blipmon.core.run import CATEGORIES, PHASES, counted, phase_total
+from blipmon.core.snapshot import LATEST_WINDOW, Snapshot
 
 ALL: None = None  # the selection meaning "every rank at once"
-_RECENT = 96  # phase records per rank looked at for the latest step (a few steps, micro-steps included)
+_RECENT = LATEST_WINDOW  # phase records per rank looked at for the latest step counted in full (micro-steps included)
 
 Record = Mapping[str, Any]
 
@@ -147,14 +147,18 @@ def choose_steps(per_rank: Mapping[int, Sequence[Record]]) -> tuple[dict[int, di
     if not grouped:
         return {}, ()
     done = [{s for s, phs in g.items() if all(ph in phs for ph in PHASES)} for g in grouped.values()]
-    common = set.intersection(*done)
+    # The steps counted in full (``counted``) carry every category; the ones between them only params and the
+    # allocator's figures, so a common counted step is the one to compare.
+    full = [{s for s in d if counted(g[s]["after_fwd"])} for d, g in zip(done, grouped.values(), strict=True)]
+    common = set.intersection(*full) or set.intersection(*done)
     if common:
         s = max(common, key=lambda v: (isinstance(v, int), v if isinstance(v, int) else 0))
         return {r: g[s] for r, g in grouped.items()}, (s,) if isinstance(s, int) else ()
     chosen: dict[int, dict[str, Record]] = {}
     for r, g in grouped.items():
         steps = list(g)
-        chosen[r] = next((g[s] for s in reversed(steps) if all(ph in g[s] for ph in PHASES)), g[steps[-1]])
+        complete = [g[s] for s in reversed(steps) if all(ph in g[s] for ph in PHASES)]
+        chosen[r] = next((c for c in complete if counted(c["after_fwd"])), complete[0] if complete else g[steps[-1]])
     shown = sorted({p.get("step") for phs in chosen.values() for p in phs.values() if isinstance(p.get("step"), int)})
     return chosen, tuple(shown)
 

@@ -38,7 +38,7 @@ from blipmon.core.module_view import (
     walk,
 )
 from blipmon.core.modules import MODULE_CATEGORIES
-from blipmon.core.run import CATEGORIES, PHASES, RunData, phase_total
+from blipmon.core.run import CATEGORIES, PHASES, RunData, peak_record, phase_total
 from blipmon.core.safe_text import one_line
 from blipmon.core.units import GIB, MIB, fmt_bytes, fmt_seconds
 
@@ -139,7 +139,7 @@ def compare_rows(runs: list[RunData]) -> list[Row]:
         Row("predicted peak phase", [_pred(r, "peak_phase") or "" for r in runs], "text"),
         Row("predicted verdict", [_pred(r, "verdict") or "" for r in runs], "text"),
     ]
-    if any("optim_host" in p for r in runs for p in r.phases[-4:]):
+    if any(_last_offload(r) is not None for r in runs):
         i = next(i for i, row in enumerate(rows) if row.label == "acts @ peak phase") + 1
         rows.insert(i, Row("optim on host @ peak phase", [_host(pp, "optim_host") for pp in peak_phases], "bytes"))
         rows.insert(i + 1, Row("grads on host @ peak phase", [_host(pp, "grads_host") for pp in peak_phases], "bytes"))
@@ -153,9 +153,14 @@ def _host(phase: dict[str, Any] | None, key: str) -> int | None:
     return phase.get(key) if phase else None
 
 
+def _last_offload(run: RunData) -> dict[str, Any] | None:
+    """The newest phase record with the host share of offloaded state (only those counted in full carry it)."""
+    return next((p for p in reversed(run.phases) if p.get("optim_host") is not None), None)
+
+
 def _offload_line(run: RunData) -> list[str]:
     """The lab's "Optim CPU" beside "Optim GPU": where an offloading strategy put the optimizer and gradients."""
-    last = next((p for p in reversed(run.phases) if "optim_host" in p), None)
+    last = _last_offload(run)
     if last is None:
         return []
     host_o, host_g = last.get("optim_host") or 0, last.get("grads_host") or 0
@@ -176,18 +181,17 @@ def ranks_of(run: RunData) -> list[int]:
 
 
 def rank_peaks(run: RunData) -> dict[int, dict[str, Any]]:
-    """Each rank's highest phase record: DDP ranks can differ (rank 0 often holds more)."""
-    best: dict[int, dict[str, Any]] = {}
+    """Each rank's highest phase record counted in full (``peak_record``): DDP ranks can differ (rank 0 often
+    holds more)."""
+    by_rank: dict[int, list[dict[str, Any]]] = {}
     for p in run.phases:
-        r = int(p.get("rank") or 0)
-        if r not in best or phase_total(p) > phase_total(best[r]):
-            best[r] = p
-    return best
+        by_rank.setdefault(int(p.get("rank") or 0), []).append(p)
+    return {r: rec for r, recs in by_rank.items() if (rec := peak_record(recs)) is not None}
 
 
 def _max_rank_total(run: RunData) -> int | None:
-    peaks = rank_peaks(run)
-    return max((phase_total(p) for p in peaks.values()), default=None)
+    """The highest phase total of any rank at any step, counted in full or not."""
+    return max((phase_total(p) for p in run.phases), default=None)
 
 
 def _where(pp: dict[str, Any] | None) -> str:

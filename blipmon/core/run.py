@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,10 +344,9 @@ class RunData:
         return HeadlinePeak("host RSS", p["host_rss"])
 
     def peak_phase(self) -> dict[str, Any] | None:
-        """The phase record with the highest memory: allocator peak on CUDA, category total on CPU."""
-        if not self.phases:
-            return None
-        return max(self.phases, key=phase_total)
+        """The phase record with the highest memory (allocator peak on CUDA, category total on CPU) among those
+        counted in full (``peak_record``)."""
+        return peak_record(self.phases)
 
     def summary(self) -> dict[str, Any]:
         """The fixed JSON run summary (docs/profile-format.md, "The JSON summary").
@@ -438,6 +438,24 @@ def _phase_out(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def counted(p: Mapping[str, Any]) -> bool:
+    """Whether a phase record was counted in full: its activations (and grads, optimizer state) were measured.
+
+    The probe counts them at steps 0 and 1 and every ``runtime.module_every``-th step (docs/modules.md, "What it
+    costs"); the others carry the allocator's figures, host RSS and params, with the rest null."""
+    return p.get("acts") is not None
+
+
+def peak_record(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first record with the largest ``phase_total`` among those counted in full (all, where none is).
+
+    Every view shows the peak phase's categories, which only counted records have; the steps between them
+    repeat the counted ones (the same batch shapes), and the run's true maxima are in ``peaks()`` whatever
+    step they came from."""
+    full = [p for p in records if counted(p)]
+    return max(full or records, key=phase_total) if records else None
+
+
 def phase_total(p: dict[str, Any]) -> int:
     if p.get("peak") is not None:
         return int(p["peak"])
@@ -526,6 +544,9 @@ def kept_phases(run: RunData) -> list[int]:
         total = phase_total(p)
         consider("total", total, i)
         consider(("rank", int(rank)), total, i)
+        if counted(p):  # ``peak_record``'s choice
+            consider("counted", total, i)
+            consider(("counted rank", int(rank)), total, i)
         consider("allocated", p.get("peak") or p.get("allocated"), i)
         consider("reserved", p.get("reserved"), i)
         consider("host_rss", p.get("host_rss"), i)
@@ -534,8 +555,9 @@ def kept_phases(run: RunData) -> list[int]:
     keep |= {i for _, i in best.values()}
     if last_offload is not None:
         keep.add(last_offload)
-    if "total" in best:
-        peak = phases[best["total"][1]]
+    peak_key = "counted" if "counted" in best else "total"
+    if peak_key in best:
+        peak = phases[best[peak_key][1]]
         keep |= {
             i for i, p in enumerate(phases) if p.get("step") == peak.get("step") and p.get("rank") == peak.get("rank")
         }

@@ -327,9 +327,11 @@ SCHEMA: dict[str, Field] = {
         minimum=1,
         maximum=1_000_000,
         why="1 = every step; the per-module records of a long run then outweigh the rest of its profile",
-        help="per-module memory at steps 0 and 1 and every N-th step after (the phases: every step)",
-        doc="per-module memory is recorded at every boundary of steps 0 and 1 and of every N-th step after "
-        "(step % N == 0); the phase figures are recorded at every step whatever N is. 1 = every step (docs/modules.md)",
+        help="count in full (grads, optimizer state, activations, per module) at steps 0 and 1 and every N-th step",
+        doc="the steps counted in full: steps 0 and 1 and every N-th step after (step % N == 0) record grads, "
+        "optimizer state and activations at every boundary, split by module when `module_depth` > 0; the other "
+        "steps record the allocator's figures, host RSS and params at every boundary, with grads, optim, acts and "
+        'other null. 1 = every step, at a cost (docs/modules.md, "What it costs")',
     ),
     "runtime.predict": Field(
         (bool,),

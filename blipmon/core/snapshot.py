@@ -23,9 +23,13 @@ import numpy as np
 from blipmon.core.module_view import predicted_rows, rows_seen
 from blipmon.core.modules import ModuleRow
 from blipmon.core.phase_index import PhaseIndex, rank_of
-from blipmon.core.run import PHASES, RunData, phase_total
+from blipmon.core.run import PHASES, RunData, counted, phase_total
 from blipmon.core.safe_text import one_line
 from blipmon.core.schedule import schedule
+
+# How many of a rank's newest phase records the phase bars look through for a step counted in full: steps 0 and 1
+# and every ``runtime.module_every``-th are (default 10: 40 records apart without gradient accumulation).
+LATEST_WINDOW = 1024
 
 
 class Prefix(Sequence[Any]):
@@ -215,20 +219,24 @@ class Snapshot:
         return out
 
     def latest_step(self, rank: int = 0) -> list[dict[str, Any]]:
-        """The phase records of ``rank``'s newest step that has all four (last micro-step of each).
+        """The phase records of ``rank``'s newest step that has all four (last micro-step of each) and was counted
+        in full.
 
-        A step still in progress would show half its bars; its predecessor is the steadier picture.
-        Until one step is complete, the partial one is all there is. Always one rank's records:
-        with several ranks interleaved in one stream, mixing them would draw a step nobody had.
+        A step still in progress would show half its bars; its predecessor is the steadier picture. The steps
+        between those counted in full (``runtime.module_every``) carry no grads, optimizer state or activations,
+        so the bars stay on the newest counted one. Until one such step is complete, the newest is all there is.
+        Always one rank's records: with several ranks interleaved in one stream, mixing them would draw a step
+        nobody had.
         """
-        mine = self.rank_records(rank, 96)
+        mine = self.rank_records(rank, LATEST_WINDOW)
         if not mine:
             return []
         by_step: dict[Any, dict[str, dict[str, Any]]] = {}
         for p in mine:
             by_step.setdefault(p.get("step"), {})[p.get("phase", "")] = p
         steps = list(by_step)
-        chosen = next((by_step[s] for s in reversed(steps) if all(ph in by_step[s] for ph in PHASES)), None)
+        complete = [by_step[s] for s in reversed(steps) if all(ph in by_step[s] for ph in PHASES)]
+        chosen = next((c for c in complete if counted(c["after_fwd"])), complete[0] if complete else None)
         if chosen is None:
             chosen = by_step[steps[-1]]
         return [chosen[ph] for ph in PHASES if ph in chosen]

@@ -258,6 +258,7 @@ class Recorder:
         self._loss_summed = False
         self._samples = 0
         self._tracking: Any = None
+        self._printed_upto = 1  # the last step ``_maybe_print`` printed, after steps 0 and 1
         self._failure: tuple[str, BaseException] | None = None
         self._prev_excepthook: Any = None
 
@@ -593,8 +594,14 @@ class Recorder:
 
     # -- the lab script's printout ----------------------------------------------------------------
     def _maybe_print(self, phase: str, rec: dict[str, Any]) -> None:
-        if not self.print_phases or not (self.step in (0, 1) or self.step % 50 == 0):
+        """The lab's line for each phase of steps 0 and 1, then of the first step counted in full (``counted``) at
+        or after every 50th: a line without grads, optimizer state and activations says nothing the lab's did."""
+        if not self.print_phases or rec.get("acts") is None:
             return
+        if self.step >= 2 and self.step // 50 <= self._printed_upto // 50:
+            return
+        if phase == "after_opt_step" and self.step >= 2:
+            self._printed_upto = self.step
         from blipmon.core.units import fmt_bytes
 
         def gb(key: str) -> str:

@@ -401,6 +401,9 @@ class CountingSavedTensorTracker(SavedTensorTracker):
 
     def __init__(self) -> None:
         super().__init__()
+        # Whether the forward that follows counts what it saves: the probe turns it off for the steps it does not
+        # record in full (``PhaseProbe.full_step``), and ``track`` then installs no hook at all.
+        self.enabled = True
         # Saved aliases, oldest first: without a module slot (a step not recorded in full), with one, and the few
         # keyed when saved (weak reference, storage key, storage bytes, slot). Each object the hook keeps counts
         # towards the cyclic GC's next collection: one weak reference per tensor on most steps.
@@ -444,8 +447,24 @@ class CountingSavedTensorTracker(SavedTensorTracker):
         return alias
 
     def note(self, t: torch.Tensor, module: Any = None) -> None:
+        if not self.enabled:
+            return
         where = self.where
         self._add(t, -1 if where is None else where.slot_of(module))
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        """Count what the forward saves, or (a step not counted in full) run it with no hook: torch's own cost of
+        calling a Python hook for each saved tensor, in forward and again in backward, is most of the probes'."""
+        if not self.enabled:
+            yield
+            return
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def forget(self) -> None:
+        """Drop every saved tensor remembered: the steps that follow are not counted."""
+        self._wrefs, self._slotted, self._keyed = [], [], []
 
     def alive(self) -> Iterator[torch.Tensor]:
         for r in itertools.chain(self._wrefs, (e[0] for e in self._slotted), (e[0] for e in self._keyed)):
@@ -963,8 +982,13 @@ class PhaseProbe:
         return own
 
     def full_step(self, step: int) -> bool:
-        """Whether ``step`` is recorded in full (per module): steps 0 and 1, then every ``module_every``-th."""
-        return self.modules is not None and (step < 2 or step % self.module_every == 0)
+        """Whether ``step`` is recorded in full: steps 0 and 1, then every ``module_every``-th.
+
+        Such a step counts its saved activations (and, with a module map, splits every category by module); the
+        others record the allocator's figures, host RSS, params, grads and optimizer state, with ``acts`` (and
+        ``other``, which needs it) null: the saved-tensor hook is most of what the probes cost (docs/modules.md,
+        "What it costs")."""
+        return step < 2 or step % self.module_every == 0
 
     def running_module(self, exc: BaseException | None = None) -> str | None:
         """The innermost module running now (for an out-of-memory record); None outside every module or untracked.
@@ -983,29 +1007,73 @@ class PhaseProbe:
         if self.cuda:
             allocator.reset_peaks(self.devices, reset=self._reset)
 
-    def measure(self, split: bool | None = None) -> dict[str, Any]:
+    def measure(self, split: bool | None = None, *, counted: bool = True) -> dict[str, Any]:
         """The four categories and the allocator's figures now; with ``split`` (default: whether ``boundary``
         records this step in full) and a module map, also each module's own bytes per category under ``"_own"``
-        (not written: ``boundary`` turns them into a ``modules`` record)."""
+        (not written: ``boundary`` turns them into a ``modules`` record).
+
+        ``counted=False`` (a step not recorded in full) reads only what costs nothing per tensor: the allocator's
+        figures, host RSS and the parameters' bytes (counted when they last changed, ``refresh_params``);
+        ``grads``, ``optim``, ``acts`` and ``other`` are null. Touching every gradient and optimizer tensor at
+        four boundaries a step, right after the step's own work has flushed them from the CPU's caches, was
+        itself 2-3 % of the tiny model's step (BENCHMARKS.md)."""
+        rec: dict[str, Any] = {
+            "params": self._params_total,
+            "grads": None,
+            "optim": None,
+            "acts": None,
+            "other": None,
+            "allocated": None,
+            "peak": None,
+            "reserved": None,
+            "host_rss": self._rss(),
+        }
         own: dict[str, list[int]] | None = None
-        mm = self.modules if (self._split if split is None else split) else None
-        if mm is not None:
-            n = len(mm) + 1  # the last slot: saved outside every module (``current == -1``), folded into the root
-            own = {"grads": [0] * n, "acts": [0] * n}
+        cuda_counted = 0
+        if counted:
+            mm = self.modules if (self._split if split is None else split) else None
+            own = {"grads": [0] * (len(mm) + 1), "acts": [0] * (len(mm) + 1)} if mm is not None else None
+            g_total, g_cuda = self._count_grads(mm, own)
+            o_total, o_cuda = self._count_optim(mm)
+            a_total, a_cuda = self.saved.count(self._param_keys, own["acts"] if own is not None else None)
+            rec.update(grads=g_total, optim=o_total, acts=a_total)
+            cuda_counted = self._params_cuda + g_cuda + o_cuda + a_cuda
+            if self.host_split:
+                rec["grads_host"] = g_total - g_cuda
+                rec["optim_host"] = o_total - o_cuda
+        if self.cuda:
+            reading = allocator.read(self.devices, stats=self._stats)
+            rec.update(reading.as_record())
+            if counted:  # uncounted, it would be "whatever is left", which blipmon never reports
+                rec["other"] = reading.allocated - cuda_counted
+            # The next boundary's peak covers exactly the interval since this one.
+            allocator.reset_peaks(self.devices, reset=self._reset)
+        if own is not None and self._optim_own is not None:
+            own["optim"] = list(self._optim_own)
+            own["params"] = [*self._params_own, 0]
+            rec["_own"] = own
+        return rec
+
+    def _count_grads(self, mm: ModuleMap | None, own: dict[str, list[int]] | None) -> tuple[int, int]:
+        """(total, on CUDA) of the gradients; with a module map, each module's own bytes into ``own["grads"]``."""
+        if mm is not None and own is not None:
             slot = mm.param_slot
             pairs: Iterable[tuple[torch.Tensor, int]] = (
                 (p.grad, slot.get(id(p), 0)) for p in self._params if p.grad is not None
             )
             if self._extra_grads is not None:  # a strategy's own buffers (ZeRO's partitions) are every module's
                 pairs = itertools.chain(pairs, ((g, 0) for g in self._extra_grads()))
-            g_total, g_cuda = self._counter.count_slots(pairs, own["grads"])
-        else:
-            # No Python code per gradient: one C-level pass collects them, and the count stands while they are the
-            # same objects (after backward until zero_grad; none at all before it).
-            grads = list(filter(_not_none, map(_grad_of, self._params)))
-            if self._extra_grads is not None:
-                grads.extend(self._extra_grads())
-            g_total, g_cuda = self._grads_seen.count(grads)
+            return self._counter.count_slots(pairs, own["grads"])
+        # No Python code per gradient: one C-level pass collects them, and the count stands while they are the
+        # same objects (after backward until zero_grad; none at all before it).
+        grads = list(filter(_not_none, map(_grad_of, self._params)))
+        if self._extra_grads is not None:
+            grads.extend(self._extra_grads())
+        return self._grads_seen.count(grads)
+
+    def _count_optim(self, mm: ModuleMap | None) -> tuple[int, int]:
+        """(total, on CUDA) of the optimizer state, recounted only after a step; with a module map, each module's
+        own bytes are kept in ``_optim_own``."""
         if mm is not None and (self._optim_dirty or not self._optim_hooked or self._optim_own is None):
             optim_own = [0] * (len(mm) + 1)
             self._optim_bytes = self._counter.count_slots(self._optim_pairs(mm), optim_own)
@@ -1016,33 +1084,7 @@ class PhaseProbe:
             self._optim_bytes = self._optim_seen.count(self._optim_list())
             self._optim_own = None
             self._optim_dirty = False
-        o_total, o_cuda = self._optim_bytes
-        a_total, a_cuda = self.saved.count(self._param_keys, own["acts"] if own is not None else None)
-        rec: dict[str, Any] = {
-            "params": self._params_total,
-            "grads": g_total,
-            "optim": o_total,
-            "acts": a_total,
-            "other": None,
-            "allocated": None,
-            "peak": None,
-            "reserved": None,
-            "host_rss": self._rss(),
-        }
-        if self.host_split:
-            rec["grads_host"] = g_total - g_cuda
-            rec["optim_host"] = o_total - o_cuda
-        if self.cuda:
-            reading = allocator.read(self.devices, stats=self._stats)
-            rec.update(reading.as_record())
-            rec["other"] = reading.allocated - (self._params_cuda + g_cuda + o_cuda + a_cuda)
-            # The next boundary's peak covers exactly the interval since this one.
-            allocator.reset_peaks(self.devices, reset=self._reset)
-        if own is not None and self._optim_own is not None:
-            own["optim"] = list(self._optim_own)
-            own["params"] = [*self._params_own, 0]
-            rec["_own"] = own
-        return rec
+        return self._optim_bytes
 
     def _optim_list(self) -> list[torch.Tensor]:
         """``optimizer_tensors`` as a list, by C-level iteration when every state is a dict (torch's and
@@ -1086,9 +1128,19 @@ class PhaseProbe:
                 else:
                     mm.detach()
             self.saved.where = mm if full else None
+        if full != self.saved.enabled:  # the saved-tensor hook, likewise (for the forward that follows)
+            self.saved.enabled = full
+            if not full:
+                self.saved.forget()
         self._split = full
         try:
-            rec = {"step": step, "micro_step": micro_step, "rank": self.rank, "phase": phase, **self.measure()}
+            rec = {
+                "step": step,
+                "micro_step": micro_step,
+                "rank": self.rank,
+                "phase": phase,
+                **self.measure(counted=full),
+            }
         finally:
             self._split = False
         own = rec.pop("_own", None)

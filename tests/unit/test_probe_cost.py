@@ -57,10 +57,10 @@ ACTS = (3 * 4 + 3 * 8 + 3 * 8) * 4
 PARAMS = ((4 * 8 + 8) + (8 * 8 + 8) + 8 * 2) * 4
 
 
-def _probe(model: torch.nn.Module, every: int) -> tuple[PhaseProbe, list[tuple[str, dict[str, Any]]]]:
+def _probe(model: torch.nn.Module, every: int, depth: int = 2) -> tuple[PhaseProbe, list[tuple[str, dict[str, Any]]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    probe = PhaseProbe(model, lambda kind, **f: out.append((kind, f)), optimizer=opt, module_depth=2,
+    probe = PhaseProbe(model, lambda kind, **f: out.append((kind, f)), optimizer=opt, module_depth=depth,
                        module_every=every)  # fmt: skip
     return probe, out
 
@@ -83,11 +83,17 @@ def test_module_hooks_run_only_on_steps_recorded_in_full() -> None:
     model = Toy()
     probe, out = _probe(model, every=3)
     hooked = {}
+    packed = {}
     for step in range(5):
         probe.boundary("before_fwd", step, 0)
         hooked[step] = (len(model.enc.inner._forward_pre_hooks), len(model.enc.inner._forward_hooks))
+        calls = [0]
+        pack = probe.saved._pack
+        probe.saved._pack = lambda t, _pack=pack, _calls=calls: (_calls.__setitem__(0, _calls[0] + 1), _pack(t))[1]
         with probe.saved.track():
             loss = model(torch.randn(3, 4))
+        packed[step] = calls[0] > 0
+        del probe.saved._pack
         probe.boundary("after_fwd", step, 0)
         loss.backward()
         del loss
@@ -96,8 +102,17 @@ def test_module_hooks_run_only_on_steps_recorded_in_full() -> None:
         probe.boundary("after_opt_step", step, 0)
         probe.optimizer.zero_grad(set_to_none=True)
     assert hooked == {0: (1, 1), 1: (1, 1), 2: (0, 0), 3: (1, 1), 4: (0, 0)}  # steps 0, 1, then every third
+    assert packed == {0: True, 1: True, 2: False, 3: True, 4: False}  # the saved-tensor hook, likewise
     fwd = {f["step"]: f for k, f in out if k == "phase" and f["phase"] == "after_fwd"}
-    assert [fwd[s]["acts"] for s in range(5)] == [ACTS] * 5  # exact whether the step is recorded in full or not
+    # Steps not recorded in full count nothing per tensor: acts, grads and optimizer state are null there (the
+    # documented cadence), params (counted when they change) stay; the counted steps are exact.
+    assert [fwd[s]["acts"] for s in range(5)] == [ACTS, ACTS, None, ACTS, None]
+    opt_rec = {f["step"]: f for k, f in out if k == "phase" and f["phase"] == "after_opt_step"}
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert [opt_rec[s]["params"] for s in range(5)] == [params] * 5
+    assert [opt_rec[s]["grads"] for s in range(5)] == [params, params, None, params, None]
+    assert [opt_rec[s]["optim"] for s in range(5)] == [params, params, None, params, None]  # SGD momentum buffers
+    assert all(opt_rec[s]["other"] is None and opt_rec[s]["host_rss"] > 0 for s in range(5))
     mods = {f["step"]: f for k, f in out if k == "modules" and f["phase"] == "after_fwd"}
     assert sorted(mods) == [0, 1, 3]
     # Tree "", enc, enc.lin, enc.inner, head: after the hooks came back at step 3, the split is step 0's.
@@ -149,7 +164,7 @@ def test_an_error_on_a_step_not_recorded_in_full_names_its_module_from_the_trace
 def test_the_saved_tensor_hook_leaves_parameters_as_they_are() -> None:
     torch.manual_seed(0)
     model = Toy()
-    probe, _ = _probe(model, every=10)
+    probe, _ = _probe(model, every=1, depth=0)  # every step counted, without module slots
     for step in range(2):
         _step(model, probe, step)
     probe.boundary("before_fwd", 2, 0)
@@ -194,11 +209,12 @@ class Stack(torch.nn.Module):
         return x.sum()
 
 
-def _calls_of_a_step_not_in_full(layers: int) -> tuple[dict[str, int], dict[str, int]]:
+def _calls_of_step_2(layers: int, depth: int = 2, every: int = 10) -> tuple[dict[str, int], dict[str, int]]:
+    """Python calls of the probes in step 2's boundaries and in its forward."""
     torch.manual_seed(0)
     model = Stack(layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # three state tensors per parameter
-    probe = PhaseProbe(model, lambda *_a, **_f: None, optimizer=opt, module_depth=2, module_every=10)
+    probe = PhaseProbe(model, lambda *_a, **_f: None, optimizer=opt, module_depth=depth, module_every=every)
     phases = ("before_fwd", "after_fwd", "after_bwd", "after_opt_step")
     x = torch.randn(4, 16)
     boundary_calls: dict[str, int] = {}
@@ -230,14 +246,24 @@ def _calls_of_a_step_not_in_full(layers: int) -> tuple[dict[str, int], dict[str,
 
 
 def test_a_step_not_in_full_runs_no_python_code_per_tensor() -> None:
-    small, small_fwd = _calls_of_a_step_not_in_full(2)
-    large, large_fwd = _calls_of_a_step_not_in_full(8)
+    small, small_fwd = _calls_of_step_2(2)
+    large, large_fwd = _calls_of_step_2(8)
     # 4 parameters and 12 optimizer tensors against 16 and 48, 4 saved activations against 16: the same calls.
     assert small == large
-    assert sum(small.values()) < 60  # a few calls per boundary, whatever the model
-    # In the forward the only probe code is the pack hook, once per saved tensor: each layer saves its input, its
-    # weight's view (kept as it is) and tanh's result, but the first layer not its weight (the batch needs no
-    # gradient); ``track`` is a generator: entered and resumed.
+    assert sum(small.values()) < 40  # a few calls per boundary, whatever the model
+    # No saved-tensor hook at all: ``track`` (a generator: entered and resumed) installs none on such a step.
+    assert small_fwd == large_fwd == {"track": 2}
+
+
+def test_counting_every_step_without_modules_runs_python_code_per_saved_tensor_only() -> None:
+    """``runtime.module_depth = 0`` with ``module_every = 1``: every step counted, by C-level passes at the
+    boundaries; the only per-tensor Python code left is the pack hook."""
+    small, small_fwd = _calls_of_step_2(2, depth=0, every=1)
+    large, large_fwd = _calls_of_step_2(8, depth=0, every=1)
+    assert small == large
+    assert sum(small.values()) < 80
+    # Each layer saves its input, its weight's view (kept as it is) and tanh's result, but the first layer not its
+    # weight (the batch needs no gradient).
     assert small_fwd == {"track": 2, "_pack": 2 * 3 - 1}
     assert large_fwd == {"track": 2, "_pack": 8 * 3 - 1}
 
@@ -245,7 +271,7 @@ def test_a_step_not_in_full_runs_no_python_code_per_tensor() -> None:
 def test_gradients_and_optimizer_state_are_recounted_when_they_change() -> None:
     torch.manual_seed(0)
     model = Toy()
-    probe, _ = _probe(model, every=10)
+    probe, _ = _probe(model, every=1, depth=0)  # every step counted, by the C-level passes
     for step in range(2):
         _step(model, probe, step)
     probe.boundary("before_fwd", 2, 0)
