@@ -6,15 +6,17 @@ state and per-module attribution at its default depth on the steps counted in fu
 interleaved round by round in one process so machine noise hits both alike. Prints median step time with /
 without, and the per-round ratios.
 
-    python benchmarks/overhead.py [CONFIG] [--rounds N] [--per-step] [--set K=V ...]
+    python benchmarks/overhead.py [CONFIG] [--rounds N] [--whole-arms] [--set K=V ...]
 
 Wall time is what a user waits for; on a machine other jobs share it swings with their load. So each step's CPU
 time of this process (``time.process_time``, the training thread's work plus the sampler's) is measured too, and
 its ratio printed beside: with ``OMP_NUM_THREADS=1`` it is the work the probes add, whoever else runs.
 
-The process is pinned to one core (both modes). ``--per-step`` runs the two arms side by side instead, one step of each in turn (two threads passing a baton, so
-one runs at a time and the process's CPU time of a step is that step's): a swing in the machine's load lasts
-many steps, so it hits both arms of a pair of steps alike. The loop is the same ``run_train``.
+The process is pinned to one core (both modes). By default the two arms run side by side, one step of each in turn
+(two threads passing a baton, so one runs at a time and the process's CPU time of a step is that step's): a swing
+in the machine's load lasts many steps, so it hits both arms of a pair of steps alike. ``--whole-arms`` runs each
+arm's steps one after the other instead, as this benchmark did before 2026-12: on a shared VM its rounds swing by
+10-50 %. The loop is the same ``run_train``.
 
 Goal (BENCHMARKS.md, issue 12): <= 1.03 on CPU with the tiny model, module attribution on; <= 1.02 on a GPU.
 """
@@ -119,8 +121,15 @@ def measure_per_step(cfg: dict, cuda: bool, tmp: Path) -> dict[bool, tuple[list[
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="tiny/blip2-opt")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--per-step", action="store_true", help="alternate the arms step by step (see above)")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument(
+        "--whole-arms",
+        dest="per_step",
+        action="store_false",
+        help="run each arm's steps one after the other in a round (swings with the machine's load)",
+    )
+    ap.add_argument("--per-step", dest="per_step", action="store_true",
+                    help="alternate the arms step by step (the default, see above)")  # fmt: skip
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     overrides = ["train.num_train_samples=256", "train.max_epochs=1", *args.overrides]
@@ -139,7 +148,7 @@ def main() -> int:
     cpu_without: list[float] = []
     paired: list[float] = []  # each round's ratio of medians: drift between rounds cancels out
     paired_cpu: list[float] = []
-    step_pairs: list[float] = []  # --per-step: CPU time of each step with probes / the next step without
+    step_pairs: list[float] = []  # per step: CPU time of each step with probes / the next step without
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.rounds):
             order = (True, False) if r % 2 == 0 else (False, True)

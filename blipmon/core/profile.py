@@ -119,9 +119,9 @@ class EventWriter:
     def _write(self, kind: str, fields: dict[str, Any], *, final: bool) -> bool:
         record = {"type": kind, "t": fields.pop("t", None) or self.now(), **fields}
         try:
-            line = json.dumps(record, separators=(",", ":"), allow_nan=False, default=_json_default)
+            line = _ENCODER.encode(record)
         except ValueError:  # a NaN or infinite loss: JSON has no such numbers, so record null
-            line = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=_json_default)
+            line = _ENCODER.encode(_finite(record))
         data = (line + "\n").encode("utf-8")
         with self._lock:
             if self._fh is None or (self.failed is not None and not final):
@@ -182,6 +182,11 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# One encoder for every record: ``json.dumps`` with options builds a new ``JSONEncoder`` at each call, which was a
+# third of a record's cost at the probes' four boundaries a step (benchmarks/overhead.py).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default)
 
 
 def _not_a_number(_name: str) -> None:
