@@ -14,9 +14,13 @@ from blipmon.core.modules import MODULE_CATEGORIES, tree_parents
 from blipmon.core.run import RunData
 
 # ``tiny/blip2-opt``'s tree at the default depth, as ``named_modules()`` names it without any wrapper's prefix.
-OPT_DEPTH2 = ("", "vision_model", "vision_model.embeddings", "vision_model.encoder", "vision_model.post_layernorm",
-              "qformer", "qformer.layernorm", "qformer.dropout", "qformer.encoder", "language_projection",
-              "language_model", "language_model.model", "language_model.lm_head")  # fmt: skip
+# A module with a single child module is no level of its own (``core.modules.tree_levels``): its child is listed at
+# its level (``vision_model.encoder.layers``, ``language_model.model.decoder``).
+OPT_DEPTH2 = ("", "vision_model", "vision_model.embeddings", "vision_model.embeddings.patch_embedding",
+              "vision_model.encoder", "vision_model.encoder.layers", "vision_model.post_layernorm",
+              "qformer", "qformer.layernorm", "qformer.dropout", "qformer.encoder", "qformer.encoder.layer",
+              "language_projection", "language_model", "language_model.model", "language_model.model.decoder",
+              "language_model.lm_head")  # fmt: skip
 
 
 def own_param_bytes(model: Any, names: list[str]) -> list[int]:

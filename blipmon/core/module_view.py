@@ -7,7 +7,8 @@ no printing, so the command line and the dashboard cannot disagree about a figur
 
 The tree is the recorded one. A module's parent is the longest dotted prefix of its path that was recorded (the
 root ``""`` above the rest), and its depth counts recorded ancestors: the writer records every path down to
-``runtime.module_depth`` dotted levels (``language_model.model`` at the default 2), so depth is that level, and
+``runtime.module_depth`` levels (``core.modules.tree_levels``: ``language_model.model`` and, a single child being
+no level of its own, ``language_model.model.decoder`` at the default 2), which nest here at depths 2 and 3;
 ``--depth 1`` shows the root's children. A tree with gaps (``language_model.model.decoder`` recorded without
 ``language_model.model``, as another writer could leave it) still nests: the decoder is ``language_model``'s
 child, depth 2. Children are sorted by their total at the selected

@@ -15,6 +15,7 @@ length, a negative or non-integer figure) is dropped whole: a wrong row is worse
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,16 +227,53 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def tree_levels(names: list[str]) -> dict[str, int]:
+    """Each module path's level below the root, where a module with a single child module is no level of its own.
+
+    A wrapper around one module (OPT's ``OPTModel`` holds only ``decoder``; ``language_model.model`` and
+    ``language_model.model.decoder`` hold the same bytes) would spend a level of ``runtime.module_depth`` on a copy
+    of its child: its child counts at the wrapper's level instead, so the default depth reaches
+    ``language_model.model.decoder`` (issue 12's example) as well as ``vision_model.encoder``. The root's children
+    are always level 1. Paths come parents first, as ``named_modules()`` lists them; one whose parent is missing
+    counts its dots."""
+    children: dict[str, int] = {}
+    for n in names:
+        if n:
+            parent = n.rpartition(".")[0]
+            children[parent] = children.get(parent, 0) + 1
+    levels = {"": 0}
+    for n in names:
+        if not n or n in levels:
+            continue
+        parent = n.rpartition(".")[0]
+        above = levels.get(parent)
+        if above is None:
+            levels[n] = n.count(".") + 1
+        else:
+            levels[n] = above + (0 if parent and children.get(parent) == 1 else 1)
+    return levels
+
+
 def tree_names(names: list[str], depth: int) -> list[str]:
     """The module paths of a ``module_tree`` from ``named_modules()``'s paths: the root and every path at most
-    ``depth`` levels below it, in the order given (``named_modules()`` lists parents before children)."""
+    ``depth`` levels below it (``tree_levels``), in the order given (``named_modules()`` lists parents before
+    children)."""
+    levels = tree_levels(names)
     out = [""]
     seen = {""}
     for n in names:
-        if n and n not in seen and n.count(".") < depth:
+        if n and n not in seen and levels[n] <= depth:
             seen.add(n)
             out.append(n)
     return out
+
+
+def below_tree(path: str, index: Mapping[str, int]) -> bool:
+    """Whether a module path is one level below the tree (``index``: the tree's paths): not in it, its parent is.
+
+    The probe hooks these too (a model may call a grandchild directly, skipping its tree parent's forward), under
+    their parent's slot; the estimator follows the same rule."""
+    return path not in index and path.rpartition(".")[0] in index
 
 
 def tree_parents(names: list[str] | tuple[str, ...]) -> list[int]:

@@ -319,7 +319,8 @@ SCHEMA: dict[str, Field] = {
         help="per-module memory down to this depth below the model (0 = off)",
         doc="per-module memory (params, grads, optimizer state, activations) for the model's modules down to this "
         "depth below the root: 2 = the top-level children (`vision_model`, `qformer`, `language_model`) and their "
-        "children; `0` turns it off",
+        "children, a module with a single child module being no level of its own (`language_model.model.decoder`); "
+        "`0` turns it off",
     ),
     "runtime.module_every": Field(
         (int,),

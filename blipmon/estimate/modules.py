@@ -26,7 +26,15 @@ import json
 from typing import Any
 
 from blipmon.core.config import ConfigError
-from blipmon.core.modules import MODULE_CATEGORIES, ModuleRow, inclusive, owner_index, tree_names, tree_parents
+from blipmon.core.modules import (
+    MODULE_CATEGORIES,
+    ModuleRow,
+    below_tree,
+    inclusive,
+    owner_index,
+    tree_names,
+    tree_parents,
+)
 from blipmon.estimate.timeline import cache_put, profile_key
 
 _TRACES: dict[str, Any] = {}  # (profile with saved_where, short stacks) by what decides them
@@ -153,7 +161,7 @@ def _acts_own(
     own = [0] * len(names)
     per_layer: dict[str, list[int]] = {}  # each stacked layer's own costs, by slot (what a copy of it repeats)
     for chain, noted, layer, nbytes in prof.saved_where:
-        slot = slot_at(chain, noted, names, index, depth)
+        slot = slot_at(chain, noted, names, index)
         own[slot] += nbytes
         if layer is not None:
             per_layer.setdefault(layer, [0] * len(names))[slot] += nbytes
@@ -193,8 +201,8 @@ def _acts_own(
     return own
 
 
-def slot_at(chain: tuple[str, ...], noted: str | None, names: list[str], index: dict[str, int], depth: int) -> int:
-    """The tree slot the probe at ``depth`` gives a tensor saved while ``chain`` ran (outermost first).
+def slot_at(chain: tuple[str, ...], noted: str | None, names: list[str], index: dict[str, int]) -> int:
+    """The tree slot the probe gives a tensor saved while ``chain`` ran (outermost first).
 
     The probe hooks the tree's modules and the ones a level below (under their tree ancestor's slot); a deeper
     module running counts at the innermost hooked one around it, and nothing running at the root. A checkpointed
@@ -206,7 +214,7 @@ def slot_at(chain: tuple[str, ...], noted: str | None, names: list[str], index: 
         i = index.get(n)
         if i is not None:
             return i
-        if n.count(".") == depth:
+        if below_tree(n, index):
             return owner_index(names, n, index)
     return 0
 

@@ -575,7 +575,7 @@ class ModuleMap:
     """
 
     def __init__(self, model: Any, depth: int) -> None:
-        from blipmon.core.modules import owner_index, tree_names, tree_parents
+        from blipmon.core.modules import below_tree, owner_index, tree_names, tree_parents
 
         root, wrappers = unwrap_model(model)
         named = list(root.named_modules())
@@ -613,7 +613,7 @@ class ModuleMap:
         self._frontier: dict[int, list[Any]] = {}
         self._skipping: set[int] = set()  # frontier modules seen running outside their tree parent
         for n, m in named:
-            if n and n.count(".") == depth:
+            if n and below_tree(n, index):
                 self._spec(m, self._module_slot[id(m)], hooked, frontier=True)
         self._forwards = 0
         self._on_backward = [self._backward_setter(i) for i in range(len(self.names))]

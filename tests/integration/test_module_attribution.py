@@ -47,7 +47,7 @@ def test_tree_is_the_models_modules_without_wrapper_prefixes(runs: dict[str, Run
     assert runs["opt-ckpt"].modules.trees[0] == OPT_DEPTH2  # DDP's ``module.``, DeepSpeed's engine: test_ddp.py,
     # test_deepspeed_offload.py
     t5 = runs["t5-lora"].modules.trees[0]  # PEFT's ``base_model.model.`` dropped
-    assert t5[:10] == OPT_DEPTH2[:10] and t5[10:] == (
+    assert t5[:13] == OPT_DEPTH2[:13] and t5[13:] == (
         "language_model",
         "language_model.shared",
         "language_model.encoder",

@@ -165,10 +165,13 @@ def test_lightning_records_modules_and_names_the_oom_module(tmp_path: Path) -> N
     summary = run.summary()
     assert summary["status"] == "oom"
     assert summary["oom"]["module"] == "net.head" and summary["oom"]["module_pass"] == "forward"
-    assert run.modules.trees[0] == ("", "net", "net.enc", "net.head")
+    # ``enc`` and ``head`` each hold one module, ``lin``: no level of their own, so their ``lin`` is recorded too
+    assert run.modules.trees[0] == ("", "net", "net.enc", "net.enc.lin", "net.head", "net.head.lin")
     assert [r.params for r in run.modules.at(0, "before_fwd")] == [
         ENC_BYTES + HEAD_BYTES,
         ENC_BYTES + HEAD_BYTES,
         ENC_BYTES,
+        ENC_BYTES,
+        HEAD_BYTES,
         HEAD_BYTES,
     ]

@@ -41,10 +41,15 @@ def test_show_and_compare_modules_of_a_real_run(start_run: Callable[..., Any], r
         parent = max((p for p in by_path if p == "" or r["module"].startswith(p + ".")), key=len)
         assert all(r[c] <= by_path[parent][c] for c in CATS), (r, by_path[parent])
     assert {"vision_model", "qformer", "language_model"} <= set(by_path)
-    # the default runtime.module_depth 2 records two dotted levels, wrappers included (docs/modules-cli.md):
-    # OPT's language_model.model under language_model, nothing below it (its decoder counts there)
+    # the default runtime.module_depth 2 records two levels, a module with a single child module being no level of
+    # its own (docs/modules.md): OPT's language_model.model holds only its decoder, which is recorded too and
+    # nests under it in the shown tree; the decoder's layers are not recorded
     assert by_path["language_model.model"]["depth"] == 2
-    assert max(r["module"].count(".") for r in rows) == 1 and max(r["depth"] for r in rows) == 2
+    assert by_path["language_model.model.decoder"]["depth"] == 3
+    assert {c: by_path["language_model.model.decoder"][c] for c in CATS} == {
+        c: by_path["language_model.model"][c] for c in CATS
+    }
+    assert max(r["module"].count(".") for r in rows) == 2 and max(r["depth"] for r in rows) == 3
 
     # the table names the same boundary and lists the same modules
     text = run_cli("show", run_dir, "--modules", "--depth", "1").stdout.splitlines()

@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-from blipmon.core.modules import canonical_name, inclusive, owner_index, tree_names, tree_parents
+from blipmon.core.modules import (
+    below_tree,
+    canonical_name,
+    inclusive,
+    owner_index,
+    tree_levels,
+    tree_names,
+    tree_parents,
+)
 from blipmon.runner.probes import ModuleMap, PhaseProbe, unwrap_model
 
 
@@ -167,9 +175,36 @@ def test_canonical_name(name: str, expected: str) -> None:
 
 
 def test_tree_helpers() -> None:
-    names = tree_names(["", "a", "a.b", "a.b.c", "d"], 2)
-    assert names == ["", "a", "a.b", "d"]
+    names = tree_names(["", "a", "a.b", "a.b.c", "a.b.f", "a.e", "d"], 2)
+    assert names == ["", "a", "a.b", "a.e", "d"]  # a.b.c is a third level: a and a.b have two children each
     parents = tree_parents(names)
-    assert parents == [-1, 0, 1, 0]
+    assert parents == [-1, 0, 1, 1, 0]
     assert owner_index(names, "a.b.c.weight") == 2 and owner_index(names, "x.weight") == 0
-    assert inclusive(parents, [1, 2, 3, 4]) == [10, 5, 3, 4]
+    assert inclusive(parents, [1, 2, 3, 4, 5]) == [15, 9, 3, 4, 5]
+
+
+def test_a_module_with_a_single_child_is_no_level_of_its_own() -> None:
+    """OPT's ``OPTModel`` holds only ``decoder``: the default depth reaches ``language_model.model.decoder`` (issue
+    12's example) beside ``vision_model.encoder``; a child of a ``ModuleList`` of one layer likewise."""
+    paths = ["", "vision_model", "vision_model.embeddings", "vision_model.encoder", "vision_model.encoder.layers",
+             "vision_model.encoder.layers.0", "vision_model.encoder.layers.0.mlp", "vision_model.encoder.layers.0.norm",
+             "vision_model.post_layernorm", "language_model", "language_model.model", "language_model.model.decoder",
+             "language_model.model.decoder.layers", "language_model.model.decoder.embed_tokens",
+             "language_model.lm_head"]  # fmt: skip
+    levels = tree_levels(paths)
+    assert levels["vision_model.encoder"] == levels["language_model.model"] == 2
+    assert levels["language_model.model.decoder"] == 2  # its parent holds nothing else
+    assert levels["language_model.model.decoder.layers"] == 3  # the decoder holds layers and embeddings
+    assert levels["vision_model.encoder.layers"] == levels["vision_model.encoder.layers.0"] == 2
+    assert levels["vision_model.encoder.layers.0.mlp"] == 3
+    assert tree_names(paths, 2) == ["", "vision_model", "vision_model.embeddings", "vision_model.encoder",
+                                    "vision_model.encoder.layers", "vision_model.encoder.layers.0",
+                                    "vision_model.post_layernorm", "language_model", "language_model.model",
+                                    "language_model.model.decoder", "language_model.lm_head"]  # fmt: skip
+    assert tree_names(paths, 1) == ["", "vision_model", "language_model"]
+    tree = {n: i for i, n in enumerate(tree_names(paths, 2))}
+    assert below_tree("language_model.model.decoder.layers", tree) and below_tree(
+        "vision_model.encoder.layers.0.mlp", tree
+    )
+    assert not below_tree("language_model.model.decoder", tree)  # in the tree
+    assert not below_tree("language_model.model.decoder.layers.0", tree)  # two levels below

@@ -97,11 +97,11 @@ def test_the_fold_follows_the_probes_hooks() -> None:
     names = ["", "language_model", "language_model.model", "vision_model", "vision_model.encoder"]
     index = {n: i for i, n in enumerate(names)}
     deep = ("", "language_model", "language_model.model", "language_model.model.decoder")
-    assert slot_at(deep, None, names, index, 2) == 2
-    assert slot_at(("", "language_model.model.decoder.embed_tokens"), None, names, index, 2) == 0
-    assert slot_at(("", "vision_model", "vision_model.encoder.layers.0.mlp"), None, names, index, 2) == 3
-    assert slot_at((), None, names, index, 2) == 0
-    assert slot_at(("", "vision_model"), "vision_model.encoder.layers.1", names, index, 2) == 4
+    assert slot_at(deep, None, names, index) == 2
+    assert slot_at(("", "language_model.model.decoder.embed_tokens"), None, names, index) == 0
+    assert slot_at(("", "vision_model", "vision_model.encoder.layers.0.mlp"), None, names, index) == 3
+    assert slot_at((), None, names, index) == 0
+    assert slot_at(("", "vision_model"), "vision_model.encoder.layers.1", names, index) == 4
 
 
 def test_depth_zero_gives_no_rows_and_load_jobs_are_refused() -> None:
