@@ -220,14 +220,15 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "modules-cli.md"
 
 
 def test_the_docs_examples_name_only_modules_a_run_records_at_the_default_depth() -> None:
-    """The compare example prints full paths: each must be one ``tree_names`` keeps at the default depth 2 (at most
-    two dotted levels, wrappers like ``language_model.model`` included), as a real run records them."""
+    """The compare example prints full paths: each must be one ``tree_names`` keeps at the default depth 2 (two
+    levels, a module with a single child module being no level of its own, so ``language_model.model.decoder`` is
+    there beside ``language_model.model``), as a real run records them."""
     text = DOC.read_text()
     block = text[text.index("$ blipmon compare") :]
     block = block[: block.index("```")]
     paths = [ln.split()[0] for ln in block.splitlines()[3:] if ln.strip()]
-    assert paths[0] == "(model)" and "language_model.model" in paths
-    for p in paths[1:]:
-        assert tree_names([p], 2) == ["", p], p
+    assert paths[0] == "(model)" and "language_model.model" in paths and "language_model.model.decoder" in paths
+    assert tree_names(paths[1:], 2) == ["", *paths[1:]]  # parents before children, as the table lists them
+    assert tree_names(paths[1:], 1) == ["", *(p for p in paths[1:] if "." not in p)]
     assert "skips" not in text  # the recorder skips no wrapper
     assert "`--phase P` alone: phase `P` of **the step the default view shows**" in " ".join(text.split())
