@@ -68,6 +68,14 @@ def test_phase_bars_stack_categories_with_peaks(gpu_run: Path) -> None:
     assert phase_bar_lines([], {}, 40, 3)[1].text.strip().startswith("waiting for the first step")
 
 
+def test_phase_bars_say_when_they_show_the_newest_step_counted_in_full_not_the_newest(gpu_run: Path) -> None:
+    snap = _snap(gpu_run)
+    latest = snap.latest_step()
+    title = phase_bar_lines(latest, snap.step_peaks(), 100, 6, newest=7)[0].text
+    assert title.startswith("phases (step 3, the newest counted in full)")
+    assert phase_bar_lines(latest, snap.step_peaks(), 100, 6, newest=3)[0].text.startswith("phases (step 3) ")
+
+
 def test_step_charts(gpu_run: Path) -> None:
     snap = _snap(gpu_run)
     rows = [s.text for s in step_lines(snap.steps, 60, 5)]

@@ -35,13 +35,21 @@ def phase_values(p: Mapping[str, Any]) -> list[int]:
 
 
 def phase_bar_lines(
-    latest: Sequence[Mapping[str, Any]], step_peaks: Mapping[str, int], width: int, height: int, title: str = "phases"
+    latest: Sequence[Mapping[str, Any]],
+    step_peaks: Mapping[str, int],
+    width: int,
+    height: int,
+    title: str = "phases",
+    newest: Any = None,
 ) -> list[Strip]:
-    """Rows for the phase bars; pure, for tests. ``latest`` holds one record per phase (any subset)."""
+    """Rows for the phase bars; pure, for tests. ``latest`` holds one record per phase (any subset); ``newest`` is
+    the newest step recorded: when the bars show an older one (the newest counted in full), the title says so."""
     rows: list[Strip] = []
     by_phase = {p.get("phase"): p for p in latest}
     step = latest[-1].get("step") if latest else None
-    head: list[tuple[str, Style | None]] = [(f"{title} " + (f"(step {step}) " if step is not None else ""), theme.BOLD)]
+    older = isinstance(step, int) and isinstance(newest, int) and newest > step
+    where = f"(step {step}{', the newest counted in full' if older else ''}) " if step is not None else ""
+    head: list[tuple[str, Style | None]] = [(f"{title} {where}", theme.BOLD)]
     for cat, color in theme.CATEGORIES:
         head += [("■", Style(color=color)), (f"{cat} ", None)]
     if width >= 60:
@@ -181,6 +189,7 @@ class PhaseBars(LinesWidget):
         self.latest: Sequence[Mapping[str, Any]] = ()
         self.peaks: Mapping[str, int] = {}
         self.view: RankView | None = None
+        self.newest: Any = None
 
     def show(self, snap: Snapshot, view: RankView | None = None) -> None:
         """Draw ``view`` (the selected rank's data; rank 0's when not given) of ``snap``."""
@@ -188,6 +197,7 @@ class PhaseBars(LinesWidget):
         self.view = view
         self.latest = view.latest
         self.peaks = view.peaks
+        self.newest = snap.phases[-1].get("step") if snap.phases else None
         self.set_data((len(snap.phases), snap.path, view.key))
 
     def build(self, width: int, height: int) -> list[Strip]:
@@ -195,4 +205,4 @@ class PhaseBars(LinesWidget):
         if view is not None and view.all_ranks:
             return spread_lines(view, width, height)
         title = view.title() if view is not None else "phases"
-        return phase_bar_lines(self.latest, self.peaks, width, height, title=title)
+        return phase_bar_lines(self.latest, self.peaks, width, height, title=title, newest=self.newest)
