@@ -241,6 +241,16 @@ class Snapshot:
             chosen = by_step[steps[-1]]
         return [chosen[ph] for ph in PHASES if ph in chosen]
 
+    def newest_complete_step(self, rank: int = 0) -> Any:
+        """The newest step of ``rank`` with all four phases recorded, counted in full or not (None: none yet).
+
+        When it is newer than ``latest_step``'s, the bars show an older step, the newest counted in full."""
+        mine = self.rank_records(rank, LATEST_WINDOW)
+        seen: dict[Any, set[str]] = {}
+        for p in mine:
+            seen.setdefault(p.get("step"), set()).add(str(p.get("phase", "")))
+        return next((s for s in reversed(list(seen)) if seen[s] >= set(PHASES)), None)
+
     def rank_records(self, rank: int, last: int) -> list[dict[str, Any]]:
         """``rank``'s newest ``last`` phase records, oldest first."""
         n = len(self.phases)

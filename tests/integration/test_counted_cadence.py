@@ -47,3 +47,4 @@ def test_steps_between_the_counted_ones_keep_params_and_host_rss(
     latest = snap.latest_step()
     assert [p["phase"] for p in latest] == list(PHASES) and {p["step"] for p in latest} == {2}
     assert all(counted(p) for p in latest)
+    assert snap.newest_complete_step() == 3  # newer than the bars' step: their title says they show the counted one

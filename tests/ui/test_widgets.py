@@ -11,7 +11,7 @@ from textual.app import App, ComposeResult
 from blipmon.core.replay import ReplaySource
 from blipmon.core.snapshot import Snapshot
 from blipmon.runner.follow import FileFollowSource
-from blipmon.ui.widgets.phase_bars import phase_bar_lines
+from blipmon.ui.widgets.phase_bars import PhaseBars, phase_bar_lines
 from blipmon.ui.widgets.run_header import banner_text, device_text, header_lines
 from blipmon.ui.widgets.steps import step_lines
 from blipmon.ui.widgets.timeline import TimelineChart, timeline_lines
@@ -71,6 +71,10 @@ def test_phase_bars_stack_categories_with_peaks(gpu_run: Path) -> None:
 def test_phase_bars_say_when_they_show_the_newest_step_counted_in_full_not_the_newest(gpu_run: Path) -> None:
     snap = _snap(gpu_run)
     latest = snap.latest_step()
+    assert snap.newest_complete_step() == 3  # every step of this recording is counted: no word about it
+    bars = PhaseBars()
+    bars.show(snap)
+    assert bars.build(100, 6)[0].text.startswith("phases (step 3) ")
     title = phase_bar_lines(latest, snap.step_peaks(), 100, 6, newest=7)[0].text
     assert title.startswith("phases (step 3, the newest counted in full)")
     assert phase_bar_lines(latest, snap.step_peaks(), 100, 6, newest=3)[0].text.startswith("phases (step 3) ")

@@ -43,7 +43,7 @@ def phase_bar_lines(
     newest: Any = None,
 ) -> list[Strip]:
     """Rows for the phase bars; pure, for tests. ``latest`` holds one record per phase (any subset); ``newest`` is
-    the newest step recorded: when the bars show an older one (the newest counted in full), the title says so."""
+    the newest complete step: when the bars show an older one (the newest counted in full), the title says so."""
     rows: list[Strip] = []
     by_phase = {p.get("phase"): p for p in latest}
     step = latest[-1].get("step") if latest else None
@@ -197,7 +197,7 @@ class PhaseBars(LinesWidget):
         self.view = view
         self.latest = view.latest
         self.peaks = view.peaks
-        self.newest = snap.phases[-1].get("step") if snap.phases else None
+        self.newest = snap.newest_complete_step(view.selected if view.selected is not None else 0)
         self.set_data((len(snap.phases), snap.path, view.key))
 
     def build(self, width: int, height: int) -> list[Strip]:
