@@ -228,28 +228,32 @@ class Snapshot:
         Always one rank's records: with several ranks interleaved in one stream, mixing them would draw a step
         nobody had.
         """
-        mine = self.rank_records(rank, LATEST_WINDOW)
-        if not mine:
+        by_step, complete = self._recent_steps(rank)
+        if not by_step:
             return []
-        by_step: dict[Any, dict[str, dict[str, Any]]] = {}
-        for p in mine:
-            by_step.setdefault(p.get("step"), {})[p.get("phase", "")] = p
-        steps = list(by_step)
-        complete = [by_step[s] for s in reversed(steps) if all(ph in by_step[s] for ph in PHASES)]
         chosen = next((c for c in complete if counted(c["after_fwd"])), complete[0] if complete else None)
         if chosen is None:
-            chosen = by_step[steps[-1]]
+            chosen = by_step[next(reversed(by_step))]
         return [chosen[ph] for ph in PHASES if ph in chosen]
 
     def newest_complete_step(self, rank: int = 0) -> Any:
         """The newest step of ``rank`` with all four phases recorded, counted in full or not (None: none yet).
 
         When it is newer than ``latest_step``'s, the bars show an older step, the newest counted in full."""
-        mine = self.rank_records(rank, LATEST_WINDOW)
-        seen: dict[Any, set[str]] = {}
-        for p in mine:
-            seen.setdefault(p.get("step"), set()).add(str(p.get("phase", "")))
-        return next((s for s in reversed(list(seen)) if seen[s] >= set(PHASES)), None)
+        _by_step, complete = self._recent_steps(rank)
+        return complete[0]["after_fwd"].get("step") if complete else None
+
+    def _recent_steps(self, rank: int) -> tuple[dict[Any, dict[str, dict[str, Any]]], list[dict[str, dict[str, Any]]]]:
+        """``rank``'s newest records by step, then phase (the last micro-step of each), and the steps with all four
+        phases, newest first; once per snapshot and rank, for ``latest_step`` and ``newest_complete_step``."""
+        key = ("recent_steps", rank)
+        if key not in self._memo:
+            by_step: dict[Any, dict[str, dict[str, Any]]] = {}
+            for p in self.rank_records(rank, LATEST_WINDOW):
+                by_step.setdefault(p.get("step"), {})[p.get("phase", "")] = p
+            complete = [phs for phs in reversed(by_step.values()) if all(ph in phs for ph in PHASES)]
+            self._memo[key] = (by_step, complete)
+        return self._memo[key]
 
     def rank_records(self, rank: int, last: int) -> list[dict[str, Any]]:
         """``rank``'s newest ``last`` phase records, oldest first."""
